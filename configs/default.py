@@ -57,8 +57,9 @@ def get_text_config() -> config_dict.ConfigDict:
   text.encoder = 'minilm'
   # Precomputed vectors: the authors' <name>_emb.pickle, .npy or .npz (row i = item i).
   text.embeddings_file = ''
-  # Item text template; fields come from the data source ({title}, {year}, {genre1}, ...).
-  text.template = '{title} ({year}); genres: {genre1}, {genre2}'
+  # Item text template over the source's fields: {title}, {year}, {genres} (all, comma-joined),
+  # {genre1}, {genre2}, ... (one each; empty when absent).
+  text.template = '{title} ({year}); genres: {genres}'
   # Texts per encoder batch.
   text.batch_size = 128
   # The authors multiply language vectors by this before the decomposition (reference: 40).
