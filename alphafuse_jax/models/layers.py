@@ -1,0 +1,221 @@
+"""Transformer layers shared by the SASRec and DreamRec backbones.
+
+Two families live here:
+  * the `reference` layers, a literal port of the authors' `models/modules.py` (reference-spec §3.1):
+    attention scaled by 1/sqrt(h) with no output projection, residual on the normalised queries, an
+    FFN of width h with its own LayerNorm, four LayerNorms with eps 1e-5 and PyTorch initialisers;
+  * the `standard` layers of SASRec as Kang & McAuley (2018) describe it: multi-head attention scaled
+    by 1/sqrt(h/H) with an output projection, pre-LN or post-LN residual sub-layers.
+
+Every module takes a boolean `pad_mask` [batch, seq_len] that is True at padding positions, instead of
+the reference's `sum(e) == 0` test; the masked scores get the reference's fill -2^32+1 either way.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# The reference fills masked attention scores with -2**32 + 1 (not -inf): a query row whose keys are
+# all masked then gets uniform weights instead of NaN. Those rows are padding and zeroed afterwards.
+MASK_FILL = -(2.0**32) + 1.0
+# PyTorch's LayerNorm epsilon (Flax's default is 1e-6).
+TORCH_LAYER_NORM_EPS = 1e-5
+
+
+def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear/Conv1d weights and biases."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+  return init
+
+
+def layer_norm(name: str | None = None) -> nn.LayerNorm:
+  """A LayerNorm with PyTorch's epsilon and scale 1 / bias 0 init."""
+  return nn.LayerNorm(epsilon=TORCH_LAYER_NORM_EPS, name=name)
+
+
+class TorchDense(nn.Module):
+  """`torch.nn.Linear` (or a kernel-1 Conv1d): y = x W + b with W, b ~ U(±1/sqrt(fan_in)).
+
+  Parameters are named like `nn.Dense` (`kernel` [in, out], `bias` [out]).
+  """
+  features: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    fan_in = x.shape[-1]
+    init = torch_uniform_init(fan_in)
+    kernel = self.param('kernel', init, (fan_in, self.features))
+    y = jnp.matmul(x, kernel)
+    if self.use_bias:
+      y = y + self.param('bias', init, (self.features,))
+    return y
+
+
+def attention_mask(pad_mask: Array) -> Array:
+  """Allowed (query i, key j) pairs: causal (j <= i) and key j not padding.
+
+  Args:
+    pad_mask: bool [batch, seq_len], True at padding positions.
+  Returns:
+    bool [batch, 1, seq_len, seq_len] (broadcast over heads), True where attention is allowed.
+  """
+  seq_len = pad_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
+  return (causal[None, :, :] & ~pad_mask[:, None, :])[:, None, :, :]
+
+
+def _split_heads(x: Array, num_heads: int) -> Array:
+  """[batch, seq_len, h] -> [batch, heads, seq_len, h / heads]: head k holds channel chunk k."""
+  batch, seq_len, hidden = x.shape
+  return x.reshape(batch, seq_len, num_heads, hidden // num_heads).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(x: Array) -> Array:
+  """[batch, heads, seq_len, d] -> [batch, seq_len, heads * d], the inverse of `_split_heads`."""
+  batch, num_heads, seq_len, head_dim = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(batch, seq_len, num_heads * head_dim)
+
+
+def masked_softmax_attention(q: Array, k: Array, v: Array, mask: Array, scale: float,
+                             dropout: nn.Module, deterministic: bool) -> Array:
+  """softmax(q k^T * scale, masked with MASK_FILL) -> dropout -> @ v, per head.
+
+  Args:
+    q, k, v: [batch, heads, seq_len, head_dim].
+    mask: bool broadcastable to [batch, heads, seq_len, seq_len], True where allowed.
+  Returns:
+    [batch, heads, seq_len, head_dim].
+  """
+  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k) * scale
+  scores = jnp.where(mask, scores, MASK_FILL)
+  weights = jax.nn.softmax(scores, axis=-1)
+  weights = dropout(weights, deterministic=deterministic)
+  return jnp.einsum('bhqk,bhkd->bhqd', weights, v)
+
+
+class ReferenceAttention(nn.Module):
+  """The authors' `MultiHeadAttention(queries, keys)` (reference-spec §3.1 step 4).
+
+  Q = queries W_q + b, K = keys W_k + b, V = keys W_v + b (each h -> h); heads split the channels
+  into H chunks; scores are scaled by 1/sqrt(h) (the FULL width, not h/H); causal + key-padding mask;
+  attention dropout; no output projection; the output is A V + queries (the normalised queries).
+  The reference's query mask (rows times sign|sum_d q|) is omitted: it only touches padding rows,
+  which the block zeroes afterwards, so outputs are unchanged.
+  """
+  num_heads: int = 1
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, queries: Array, keys: Array, pad_mask: Array, *,
+               deterministic: bool) -> Array:
+    """queries, keys: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h]."""
+    hidden = queries.shape[-1]
+    q = _split_heads(TorchDense(hidden, name='query')(queries), self.num_heads)
+    k = _split_heads(TorchDense(hidden, name='key')(keys), self.num_heads)
+    v = _split_heads(TorchDense(hidden, name='value')(keys), self.num_heads)
+    out = masked_softmax_attention(q, k, v, attention_mask(pad_mask), 1.0 / math.sqrt(hidden),
+                                   nn.Dropout(self.dropout_rate), deterministic)
+    return _merge_heads(out) + queries
+
+
+class ReferenceFeedForward(nn.Module):
+  """The authors' `PositionwiseFeedForward(h, h)`: LN(Dropout(W2 ReLU(W1 x)) + x), width h."""
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    hidden = x.shape[-1]
+    y = TorchDense(hidden, name='w_1')(x)
+    y = TorchDense(hidden, name='w_2')(nn.relu(y))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    return layer_norm(name='layer_norm')(y + x)
+
+
+class ReferenceBlock(nn.Module):
+  """One reference transformer block (reference-spec §3.1 steps 3-6).
+
+  Input x [batch, seq_len, h] must be zero at padding rows (the backbone multiplies by the mask).
+    q = LN1(x); a = Attention(q, x); f = FFN(LN2(a)); f = f * m; out = LN3(f).
+  The authors always run exactly one such block; stacking more (num_blocks > 1) is our extension,
+  and the backbone re-zeroes padding rows between blocks.
+  """
+  num_heads: int = 1
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool) -> Array:
+    """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h]."""
+    keep = (~pad_mask)[..., None].astype(x.dtype)
+    q = layer_norm(name='ln_1')(x)
+    a = ReferenceAttention(self.num_heads, self.dropout_rate, name='attention')(
+        q, x, pad_mask, deterministic=deterministic)
+    f = ReferenceFeedForward(self.dropout_rate, name='feed_forward')(
+        layer_norm(name='ln_2')(a), deterministic=deterministic)
+    return layer_norm(name='ln_3')(f * keep)
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Standard causal multi-head self-attention: scale 1/sqrt(h/H), output projection W_o."""
+  num_heads: int = 1
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool) -> Array:
+    """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h]."""
+    hidden = x.shape[-1]
+    head_dim = hidden // self.num_heads
+    q = _split_heads(TorchDense(hidden, name='query')(x), self.num_heads)
+    k = _split_heads(TorchDense(hidden, name='key')(x), self.num_heads)
+    v = _split_heads(TorchDense(hidden, name='value')(x), self.num_heads)
+    out = masked_softmax_attention(q, k, v, attention_mask(pad_mask), 1.0 / math.sqrt(head_dim),
+                                   nn.Dropout(self.dropout_rate), deterministic)
+    return TorchDense(hidden, name='out')(_merge_heads(out))
+
+
+class StandardBlock(nn.Module):
+  """A SASRec block as in Kang & McAuley (2018), §III-B/C.
+
+  pre_ln=True (the paper's g(x) = x + Dropout(g(LayerNorm(x)))):
+    x = x + Dropout(Attn(LN1(x))); x = x + Dropout(FFN(LN2(x)))
+  pre_ln=False (post-LN, Vaswani et al.):
+    x = LN1(x + Dropout(Attn(x))); x = LN2(x + Dropout(FFN(x)))
+  FFN(x) = W2 Dropout(ReLU(W1 x + b1)) + b2 with hidden width h. Padding rows are zeroed after the
+  block so they never feed the next block's keys.
+  """
+  num_heads: int = 1
+  dropout_rate: float = 0.1
+  pre_ln: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool) -> Array:
+    """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h]."""
+    hidden = x.shape[-1]
+    keep = (~pad_mask)[..., None].astype(x.dtype)
+    attention = MultiHeadSelfAttention(self.num_heads, self.dropout_rate, name='attention')
+    ln_1, ln_2 = layer_norm(name='ln_1'), layer_norm(name='ln_2')
+    w_1, w_2 = TorchDense(hidden, name='w_1'), TorchDense(hidden, name='w_2')
+
+    def ffn(y):
+      y = nn.Dropout(self.dropout_rate)(nn.relu(w_1(y)), deterministic=deterministic)
+      return w_2(y)
+
+    def dropout(y):
+      return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+    if self.pre_ln:
+      x = x + dropout(attention(ln_1(x), pad_mask, deterministic=deterministic))
+      x = x + dropout(ffn(ln_2(x)))
+    else:
+      x = ln_1(x + dropout(attention(x, pad_mask, deterministic=deterministic)))
+      x = ln_2(x + dropout(ffn(x)))
+    return x * keep
