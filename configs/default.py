@@ -72,6 +72,15 @@ def get_config() -> config_dict.ConfigDict:
   config.data = get_data_config()
   config.text = get_text_config()
 
+  # Show a tqdm bar per epoch (stderr).
+  config.progress_bar = True
+  # Multi-host: jax.distributed.initialize(); empty values are auto-detected on TPU/SLURM.
+  config.distributed = config_dict.ConfigDict()
+  config.distributed.enabled = False
+  config.distributed.coordinator_address = ''
+  config.distributed.num_processes = -1
+  config.distributed.process_id = -1
+
   # Item embeddings: the pipeline and the decomposition.
   config.embedding = config_dict.ConfigDict()
   # 'alphafuse', 'id', 'llminit', 'morec', 'whitenrec', 'unisrec', 'rlmrec', 'llmesr', 'idreamrec'.
@@ -98,6 +107,8 @@ def get_config() -> config_dict.ConfigDict:
   config.model.num_blocks = 1
   config.model.num_heads = 1
   config.model.dropout_rate = 0.1
+  # 'standard' block only: LayerNorm before (True) or after (False) each sublayer.
+  config.model.pre_ln = True
 
   # Training.
   config.train = config_dict.ConfigDict()
@@ -117,6 +128,10 @@ def get_config() -> config_dict.ConfigDict:
   config.train.shuffle = True
   # Early stopping: evaluations without improvement of val NDCG@20.
   config.train.patience = 50
+  # Save the latest state every this many steps within an epoch (0: only at epoch ends).
+  config.train.checkpoint_every_steps = 1000
+  # Tests only: stop (as if killed) after this many steps; 0 disables.
+  config.train.stop_after_steps = 0
   # 'shard_map' (default) or 'pmap'.
   config.parallelism = 'shard_map'
 
@@ -125,4 +140,10 @@ def get_config() -> config_dict.ConfigDict:
   config.eval.batch_size = 1024
   # Mask items already in the user's history (literature's leave-one-out practice).
   config.eval.exclude_seen = False
+  # Cut-offs for HR/NDCG/MRR.
+  config.eval.ks = (1, 5, 10, 20, 50)
+  # Head items: the most interacted in train, this fraction of the catalogue.
+  config.eval.head_fraction = 0.2
+  # Short-history examples: fewer than this many items before the target.
+  config.eval.short_history = 10
   return config

@@ -1,0 +1,61 @@
+"""Entry point: `python -m alphafuse_jax.main --config=configs/default.py --workdir=DIR`.
+
+Flags only; the work is `train.train_and_evaluate`. Override any config field with
+`--config.train.learning_rate=3e-4`. A run restarted on the same workdir resumes.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from alphafuse_jax import parallel
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.',
+                               required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  dist = config.get('distributed')
+  import jax  # After flags: XLA_FLAGS must be set before JAX starts its backends.
+  if dist is not None and dist.enabled:
+    # Multi-host: coordinator/process ids from the config, or auto-detected on TPU/SLURM.
+    kwargs = {k: v for k, v in (('coordinator_address', dist.coordinator_address),
+                                ('num_processes', dist.num_processes),
+                                ('process_id', dist.process_id)) if v not in (None, '', -1)}
+    jax.distributed.initialize(**kwargs)
+  logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
+               jax.process_count())
+  from alphafuse_jax import train  # pylint: disable=g-import-not-at-top
+  results = train.train_and_evaluate(config, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(format_results(results))
+
+
+def format_results(results) -> str:
+  """A Markdown table of the headline metrics (val at the best epoch, test, test groups)."""
+  cols = ['HR@10', 'HR@20', 'NDCG@10', 'NDCG@20', 'MRR@20']
+  rows = [('val', results['val']), ('test', results['test'])]
+  rows += [(f'test {name}', m) for name, m in results.get('test_groups', {}).items()]
+  lines = ['| split | ' + ' | '.join(cols) + ' | examples |', '|---' * (len(cols) + 2) + '|']
+  for name, m in rows:
+    lines.append(f'| {name} | ' + ' | '.join(f'{m[c]:.4f}' for c in cols) +
+                 f' | {m.get("count", "")} |')
+  lines.append(f'\nbest epoch {results["best_epoch"]}; train {results["train_sequences_per_second"]:.0f}'
+               f' sequences/s; eval {results["eval_examples_per_second"]:.0f} examples/s; wall '
+               f'{results["wall_seconds"]:.0f} s on {results["devices"]} device(s)')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  # CPU: one host device per core (XLA uses several cores poorly inside one CPU device);
+  # ALPHAFUSE_CPU_DEVICES=N overrides the count.
+  parallel.force_host_devices(int(os.environ.get('ALPHAFUSE_CPU_DEVICES', '0')) or None)
+  app.run(main)

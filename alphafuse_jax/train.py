@@ -1,0 +1,532 @@
+"""Training and evaluation: wires data, embeddings, backbone, losses and metrics together.
+
+`train_and_evaluate(config, workdir)` is the whole job. It owns no maths: the per-device train and
+eval steps call `losses` and `metrics`; `parallel.DataParallel` maps them over devices.
+
+Reproducibility: every random draw comes from `fold_in(seed_key, step)` and then from the global
+index of the example within its batch, so the same config and seed give the same numbers on 1 or 8
+devices and across a kill-and-resume; the data order is a function of (seed, epoch) and resumes
+mid-epoch at the checkpointed step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from alphafuse_jax import data as data_lib
+from alphafuse_jax import embeddings as embeddings_lib
+from alphafuse_jax import losses as losses_lib
+from alphafuse_jax import metrics as metrics_lib
+from alphafuse_jax import parallel
+from alphafuse_jax.models import sasrec as sasrec_lib
+
+LOSSES = ('infonce', 'bce', 'ce')
+OPTIMIZERS = ('adam_l2', 'adamw')
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or inf."""
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState; `step` counts optimiser updates over the whole run."""
+
+
+# ---- configuration checks -------------------------------------------------------------------
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Fails at start, with the fix, on config values that would fail (or mislead) later."""
+  t = config.train
+  if t.loss not in LOSSES:
+    raise ValueError(f'config.train.loss={t.loss!r} is not one of {LOSSES}.')
+  if t.optimizer not in OPTIMIZERS:
+    raise ValueError(f'config.train.optimizer={t.optimizer!r} is not one of {OPTIMIZERS}.')
+  for name, batch in (('train.batch_size', t.batch_size), ('eval.batch_size', config.eval.batch_size)):
+    if batch < 1 or batch % num_devices:
+      raise ValueError(
+          f'config.{name}={batch} must be a positive multiple of the {num_devices} devices '
+          f'(set --config.{name}={max(num_devices, batch // num_devices * num_devices)}).')
+  if t.num_epochs < 1:
+    raise ValueError(f'config.train.num_epochs={t.num_epochs} must be >= 1.')
+  if t.loss != 'ce' and t.num_negatives < 1:
+    raise ValueError(f'config.train.num_negatives={t.num_negatives} must be >= 1 for {t.loss}.')
+  if not t.learning_rate > 0:
+    raise ValueError(f'config.train.learning_rate={t.learning_rate} must be > 0.')
+
+
+def check_workdir(workdir: str) -> str:
+  """Creates the workdir and proves it is writable before any work starts."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(
+        f'workdir {workdir!r} is not writable ({e.strerror}); pass --workdir=<a directory you own>.'
+    ) from e
+  return workdir
+
+
+# ---- building blocks ------------------------------------------------------------------------
+def load_language_embeddings(config: ml_collections.ConfigDict,
+                             dataset: data_lib.PreparedDataset) -> np.ndarray | None:
+  """Item language vectors [N, d_l] scaled by `config.text.scale`, or None for the ID pipeline."""
+  if config.embedding.pipeline == 'id':
+    return None
+  from alphafuse_jax import text as text_lib  # Loads tokenizers only when needed.
+  if config.text.encoder == 'file':
+    vectors = text_lib.load_embeddings(config.text.embeddings_file, num_items=dataset.num_items)
+  elif config.text.encoder == 'minilm':
+    cache_dir = os.path.join(data_lib.data_root(config.data), 'embeddings', dataset.name)
+    vectors = text_lib.embed_items(dataset.item_fields, template=config.text.template,
+                                   cache_dir=cache_dir, batch_size=config.text.batch_size)
+  else:
+    raise ValueError(f"config.text.encoder={config.text.encoder!r} is not 'minilm' or 'file'.")
+  return np.asarray(vectors, np.float64) * float(config.text.scale)
+
+
+def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDataset,
+                language_embeddings: np.ndarray | None) -> sasrec_lib.SASRec:
+  """The item-embedding pipeline inside the sequence backbone."""
+  if config.model.backbone != 'sasrec':
+    raise ValueError(f"config.model.backbone={config.model.backbone!r}: only 'sasrec' exists yet.")
+  item_embedding = embeddings_lib.make_item_embedding(
+      config.embedding, num_items=dataset.num_items, language_embeddings=language_embeddings,
+      item_counts=dataset.train_item_counts)
+  return sasrec_lib.SASRec(
+      item_embedding=item_embedding, max_len=dataset.max_len, block=config.model.block,
+      num_blocks=config.model.num_blocks, num_heads=config.model.num_heads,
+      dropout_rate=config.model.dropout_rate, pre_ln=config.model.get('pre_ln', True))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with coupled L2 (the reference's torch Adam weight_decay) or AdamW."""
+  t = config.train
+  if t.optimizer == 'adam_l2':
+    return optax.chain(optax.add_decayed_weights(t.l2), optax.scale_by_adam(eps=1e-8),
+                       optax.scale(-t.learning_rate))
+  return optax.adamw(t.learning_rate, eps=1e-8, weight_decay=t.l2)
+
+
+def _rngs(key: jax.Array) -> dict[str, jax.Array]:
+  """Every stochastic stream a module may ask for (dropout, UniSRec's gating noise)."""
+  dropout_key, gating_key = jax.random.split(key)
+  return {'dropout': dropout_key, 'gating': gating_key}
+
+
+def _init_all(module: sasrec_lib.SASRec, history: jax.Array) -> Any:
+  """Touches every submodule so `init` creates all parameters (scoring and auxiliary heads too)."""
+  states = module(history, deterministic=True)
+  module.score(states)
+  return module.item_embedding.auxiliary_loss(deterministic=True)
+
+
+def create_train_state(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
+                       key: jax.Array) -> TrainState:
+  history = jnp.full((1, model.max_len), model.item_embedding.num_items, jnp.int32)
+  params = model.init(_rngs(key) | {'params': key}, history, method=_init_all)['params']
+  return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config))
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+# ---- per-device steps -----------------------------------------------------------------------
+def make_train_step(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
+                    base_key: jax.Array, *, per_position: bool):
+  """The per-device train step: loss -> grads -> pmean over 'data' -> optax update.
+
+  `batch` holds this device's rows: history [b, L], target [b], mask [b] (False on padding rows of
+  the last batch) and index [b] (the row's position in the global batch, which seeds its dropout
+  and negatives, so the result does not depend on how the batch is split over devices).
+  """
+  t = config.train
+  num_items = model.item_embedding.num_items
+
+  def per_example(params, history, key):
+    method = sasrec_lib.SASRec.encode if per_position else sasrec_lib.SASRec.__call__
+    out = model.apply({'params': params}, history[None], deterministic=False, rngs=_rngs(key),
+                      method=method)
+    return out[0]
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    step_key = jax.random.fold_in(base_key, state.step)
+    table_key, example_key = jax.random.split(step_key)
+    example_keys = jax.vmap(jax.random.fold_in, (None, 0))(example_key, batch['index'])
+    model_keys, negative_keys = jnp.split(jax.vmap(jax.random.split)(example_keys), 2, axis=1)
+    model_keys, negative_keys = model_keys[:, 0], negative_keys[:, 0]
+    mask = batch['mask']
+    if per_position:
+      targets, weights = losses_lib.next_item_targets(batch['history'], batch['target'], num_items)
+      weights = weights * mask[:, None]
+    else:
+      targets, weights = batch['target'], mask.astype(jnp.float32)
+    # Examples (or positions) counted over all devices: the loss is their global mean.
+    global_count = jnp.maximum(jax.lax.psum(jnp.sum(weights), parallel.AXIS), 1.0)
+    num_devices = jax.lax.psum(1, parallel.AXIS)
+
+    def loss_fn(params):
+      table = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
+                          method=sasrec_lib.SASRec.item_table)
+      states = jax.vmap(per_example, (None, 0, 0))(params, batch['history'], model_keys)
+      per_row = losses_lib.per_example_loss(
+          t.loss, states, targets, table, keys=negative_keys, num_negatives=t.num_negatives,
+          temperature=t.temperature)
+      local = jnp.sum(per_row * weights) / global_count * num_devices
+      aux = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
+                        method=lambda m, **kw: m.item_embedding.auxiliary_loss(**kw))
+      return local + config.embedding.get('aux_weight', 0.1) * aux, (local, aux)
+
+    (loss, (main_loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    loss = jax.lax.pmean(loss, parallel.AXIS)
+    grad_norm = optax.global_norm(grads)
+    new_state = state.apply_gradients(grads=grads)
+    return new_state, {'loss': loss, 'grad_norm': grad_norm}
+
+  return train_step
+
+
+def make_eval_step(model: sasrec_lib.SASRec):
+  """Per-device eval step: user states -> scores against all N items -> the target's rank."""
+
+  def eval_step(params, table, batch):
+    states = model.apply({'params': params}, batch['history'], deterministic=True)
+    scores = states @ table.T
+    exclude = batch.get('seen')
+    return metrics_lib.target_ranks(scores, batch['target'], exclude=exclude)
+
+  return eval_step
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Progress:
+  """Loop state saved with every checkpoint (JSON)."""
+  epochs_done: int = 0
+  best_metric: float = -1.0
+  best_epoch: int = -1
+  evals_since_best: int = 0
+  finished: bool = False
+  train_seconds: float = 0.0
+  train_sequences: int = 0
+
+
+class Checkpoints:
+  """Orbax managers for the latest train state (resume) and the best params (model selection)."""
+
+  def __init__(self, workdir: str):
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    self.latest = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
+    self.best = ocp.CheckpointManager(os.path.join(workdir, 'best'), options=options)
+
+  def save_latest(self, step: int, state: TrainState, progress: Progress) -> None:
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(dataclasses.asdict(progress))),
+        force=True)
+
+  def restore_latest(self, template: TrainState) -> tuple[TrainState, Progress] | None:
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    restored = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
+    return restored.state, Progress(**restored.progress)
+
+  def save_best(self, step: int, params: Any) -> None:
+    self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+
+  def restore_best(self, template: Any) -> Any:
+    step = self.best.latest_step()
+    if step is None:
+      raise FileNotFoundError('no best checkpoint was written (no evaluation ran).')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    return self.best.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract))).params
+
+  def close(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+    self.latest.close()
+    self.best.close()
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+def _eval_arrays(dataset: data_lib.PreparedDataset, split: str, exclude_seen: bool
+                 ) -> dict[str, np.ndarray]:
+  arrays = dict(dataset.splits[split])
+  if exclude_seen:
+    indptr, items = data_lib.seen_items(dataset, split)
+    lengths = np.diff(indptr)
+    width = max(int(lengths.max(initial=0)), 1)
+    seen = np.full((len(lengths), width), dataset.num_items, np.int32)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(items)) - np.repeat(indptr[:-1], lengths)
+    seen[rows, cols] = items
+    arrays['seen'] = seen
+  return arrays
+
+
+class Evaluator:
+  """Full-ranking evaluation of one split: every example counted exactly once."""
+
+  def __init__(self, dp: parallel.DataParallel, model, config, dataset, split: str):
+    self.dp, self.dataset, self.split = dp, dataset, split
+    self.batch_size = config.eval.batch_size
+    self.arrays = _eval_arrays(dataset, split, config.eval.exclude_seen)
+    self.ks = tuple(config.eval.ks)
+    self.head_fraction = config.eval.head_fraction
+    self.short_history = config.eval.short_history
+    self._step = dp.map(make_eval_step(model), ('replicated', 'replicated', 'sharded'), 'sharded')
+    self._table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
+                                                method=sasrec_lib.SASRec.item_table))
+    self.seconds = 0.0
+    self.examples = 0
+
+  def ranks(self, params) -> np.ndarray:
+    """The 1-based rank of every example's target, in split order."""
+    start = time.perf_counter()
+    host_params = params if self.dp.mode == 'shard_map' else self.dp.unreplicate(params)
+    table = self._table(host_params)
+    table = self.dp.replicate(table) if self.dp.mode == 'pmap' else table
+    out = []
+    n = len(self.arrays['target'])
+    for batch in data_lib.batches(self.arrays, self.batch_size, seed=0, epoch=0, shuffle=False,
+                                  num_devices=self.dp.num_local_devices,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count()):
+      mask = batch.pop('mask')
+      ranks = self.dp.get_sharded(self._step(params, table, self.dp.put_batch(batch)))
+      out.append(ranks[mask.reshape(-1)])
+    ranks = np.concatenate(out) if out else np.zeros((0,), np.int32)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      ranks = np.concatenate(list(multihost_utils.process_allgather(ranks, tiled=False)))
+    if len(ranks) != n:
+      raise RuntimeError(f'evaluation of {self.split} counted {len(ranks)} of {n} examples.')
+    self.seconds += time.perf_counter() - start
+    self.examples += n
+    return ranks
+
+  def evaluate(self, params, groups: bool = False) -> dict[str, Any]:
+    ranks = self.ranks(params)
+    result = metrics_lib.summarize_ranks(ranks, ks=self.ks)
+    if groups:
+      result = {'all': result, **group_metrics(
+          self.dataset, self.split, ranks, self.ks, head_fraction=self.head_fraction,
+          short_history=self.short_history)}
+    return result
+
+
+def group_metrics(dataset, split: str, ranks: np.ndarray, ks, *, head_fraction: float,
+                  short_history: int) -> dict[str, dict[str, float]]:
+  """Metrics for head/tail target items (train popularity) and short/long histories.
+
+  Head items are the `head_fraction` most interacted items in train; an example has a short
+  history when fewer than `short_history` items precede its target in the user's sequence.
+  """
+  arrays = dataset.splits[split]
+  is_head = np.asarray(metrics_lib.item_groups(dataset.train_item_counts, head_fraction))
+  target_head = is_head[arrays['target']]
+  threshold = short_history
+  short = arrays['position'] < threshold
+  out = {}
+  for name, sel in (('head_items', target_head), ('tail_items', ~target_head),
+                    (f'short_history(<{threshold})', short), (f'long_history(>={threshold})', ~short)):
+    if sel.any():
+      out[name] = metrics_lib.summarize_ranks(ranks[sel], ks=ks)
+  return out
+
+
+# ---- the loop -------------------------------------------------------------------------------
+def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def _truncate_jsonl(path: str, max_step: int) -> None:
+  """Drops log lines written after the checkpoint we resume from (they will be redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= max_step]
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(lines)
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains with early stopping on val NDCG@20, resumes from `workdir`, tests the best params."""
+  wall_start = time.perf_counter()
+  workdir = check_workdir(workdir)
+  dp = parallel.DataParallel(config.parallelism)
+  validate_config(config, dp.num_devices)
+  dataset = data_lib.load(config.data)
+  per_position = config.data.protocol == 'leave_one_out'
+  model = build_model(config, dataset, load_language_embeddings(config, dataset))
+
+  seed_key = jax.random.key(config.train.seed)
+  init_key, train_key = jax.random.split(seed_key)
+  state = create_train_state(model, config, init_key)
+  logging.info('parameters: %d trainable', count_params(state.params))
+  ckpt = Checkpoints(workdir)
+  restored = ckpt.restore_latest(state)
+  progress = Progress()
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if restored is not None:
+    state, progress = restored
+    logging.info('resuming from step %d (epoch %d)', int(state.step), progress.epochs_done)
+    _truncate_jsonl(metrics_path, int(state.step))
+  elif os.path.exists(metrics_path):
+    os.remove(metrics_path)
+
+  train_arrays = dict(dataset.splits['train'])
+  global_batch = config.train.batch_size
+  steps_per_epoch = data_lib.num_batches(len(train_arrays['target']), global_batch)
+  train_step = dp.map(make_train_step(model, config, train_key, per_position=per_position),
+                      ('replicated', 'sharded'), ('replicated', 'replicated'), donate_argnums=(0,))
+  val_eval = Evaluator(dp, model, config, dataset, 'val')
+  every = config.train.get('checkpoint_every_steps', 0)
+  stop_after = config.train.get('stop_after_steps', 0)  # Tests: simulate a kill mid-run.
+  local_rows = global_batch // jax.process_count()
+  row_offset = jax.process_index() * local_rows
+
+  rstate = dp.replicate(state)
+  epoch = progress.epochs_done
+  while not progress.finished and epoch < config.train.num_epochs:
+    step = int(state.step)
+    start_step = step - epoch * steps_per_epoch
+    batches = data_lib.batches(
+        train_arrays, global_batch, seed=config.train.seed, epoch=epoch,
+        shuffle=config.train.shuffle, num_devices=dp.num_local_devices,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start_step)
+    bar = tqdm.tqdm(batches, total=steps_per_epoch, initial=start_step,
+                    desc=f'epoch {epoch + 1}/{config.train.num_epochs}', leave=False,
+                    disable=jax.process_index() != 0 or not config.get('progress_bar', True))
+    epoch_loss, epoch_steps = 0.0, 0
+    for batch in bar:
+      index = row_offset + np.arange(local_rows, dtype=np.int32)
+      batch['index'] = index.reshape(batch['mask'].shape)
+      t0 = time.perf_counter()
+      rstate, out = train_step(rstate, dp.put_batch(batch))
+      # Sync every step: reading the loss bounds the queue of collective steps (XLA CPU
+      # deadlocks past ~32 queued) and catches NaN at the step it happens.
+      loss = float(np.asarray(dp.unreplicate(out['loss']) if dp.mode == 'pmap' else out['loss']))
+      step += 1
+      if step > 1 or restored is not None:  # Exclude the first (compiling) step from speed.
+        progress.train_seconds += time.perf_counter() - t0
+        progress.train_sequences += int(batch['mask'].sum()) * jax.process_count()
+      if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f'training loss is {loss} at step {step} (epoch {epoch + 1}); lower '
+            f'config.train.learning_rate or check the embeddings for NaN/inf.')
+      epoch_loss += loss
+      epoch_steps += 1
+      bar.set_postfix(loss=f'{loss:.4f}')
+      if every and step % every == 0 and step % steps_per_epoch:
+        ckpt.save_latest(step, dp.unreplicate(rstate), progress)
+      if stop_after and step >= stop_after:
+        ckpt.close()
+        raise KeyboardInterrupt(f'stopped after step {step} (config.train.stop_after_steps)')
+    state_host = dp.unreplicate(rstate)
+    state = state_host
+    val = val_eval.evaluate(rstate.params)
+    epoch += 1
+    progress.epochs_done = epoch
+    improved = val['NDCG@20'] > progress.best_metric
+    if improved:
+      progress.best_metric, progress.best_epoch, progress.evals_since_best = val['NDCG@20'], epoch, 0
+      ckpt.save_best(step, state_host.params)
+    else:
+      progress.evals_since_best += 1
+    record = {'step': step, 'epoch': epoch,
+              'train_loss': epoch_loss / max(epoch_steps, 1),
+              **{f'val/{k}': v for k, v in val.items()}}
+    if jax.process_index() == 0:
+      _append_jsonl(metrics_path, record)
+      logging.info('epoch %d: loss %.4f val NDCG@20 %.4f HR@10 %.4f%s', epoch,
+                   record['train_loss'], val['NDCG@20'], val['HR@10'], ' (best)' if improved else '')
+      print(f'epoch {epoch:3d}  loss {record["train_loss"]:.4f}  val NDCG@20 {val["NDCG@20"]:.4f}'
+            f'  HR@10 {val["HR@10"]:.4f}{"  *" if improved else ""}', flush=True)
+    if progress.evals_since_best >= config.train.patience or epoch >= config.train.num_epochs:
+      progress.finished = True
+    ckpt.save_latest(step, state_host, progress)
+
+  # Test once, from the best checkpoint.
+  best_params = ckpt.restore_best(state.params)
+  best_params = dp.replicate(best_params)
+  val_result = val_eval.evaluate(best_params)
+  test_eval = Evaluator(dp, model, config, dataset, 'test')
+  test_result = test_eval.evaluate(best_params, groups=True)
+  ckpt.close()
+  eval_seconds = val_eval.seconds + test_eval.seconds
+  results = {
+      'val': val_result,
+      'test': test_result.pop('all'),
+      'test_groups': test_result,
+      'best_epoch': progress.best_epoch,
+      'epochs': progress.epochs_done,
+      'train_sequences_per_second': progress.train_sequences / max(progress.train_seconds, 1e-9),
+      'eval_examples_per_second': (val_eval.examples + test_eval.examples) / max(eval_seconds, 1e-9),
+      'wall_seconds': time.perf_counter() - wall_start,
+      'num_trainable_params': count_params(state.params),
+      'devices': dp.num_devices,
+      'parallelism': dp.mode,
+  }
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, 'results.json'), results)
+    plot_learning_curve(metrics_path, os.path.join(workdir, 'learning_curve.png'))
+  return results
+
+
+def plot_learning_curve(metrics_path: str, out_path: str) -> None:
+  """Train loss and val NDCG@20 per epoch, from metrics.jsonl."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  with open(metrics_path) as f:
+    records = [json.loads(l) for l in f if l.strip()]
+  if not records:
+    return
+  epochs = [r['epoch'] for r in records]
+  fig, ax1 = plt.subplots(figsize=(6, 3.5))
+  ax1.plot(epochs, [r['train_loss'] for r in records], 'C0-o', ms=3, label='train loss')
+  ax1.set_xlabel('epoch')
+  ax1.set_ylabel('train loss', color='C0')
+  ax2 = ax1.twinx()
+  ax2.plot(epochs, [r['val/NDCG@20'] for r in records], 'C1-s', ms=3, label='val NDCG@20')
+  ax2.set_ylabel('val NDCG@20', color='C1')
+  fig.tight_layout()
+  tmp = out_path + '.tmp.png'
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, out_path)

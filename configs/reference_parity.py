@@ -1,0 +1,29 @@
+"""The authors' SASRec settings, for parity with their PyTorch code; the pipeline is the argument.
+
+Command (ML-1M cold-start, 6 epochs):
+  python -m alphafuse_jax.main --config=configs/reference_parity.py:alphafuse --workdir=workdirs/parity_af
+  python -m alphafuse_jax.main --config=configs/reference_parity.py:id --workdir=workdirs/parity_id
+Expected (the authors' code, seed 22, this split): test NDCG@20 0.1197 (alphafuse), 0.1259 (id).
+The reference: one block of the authors' layout, InfoNCE with 64 negatives at temperature 0.07,
+Adam with coupled L2 1e-6, lr 1e-3, batch 256, no shuffling (their DataLoader's order).
+"""
+
+from ml_collections import config_dict
+
+import default as _default
+
+# Pipelines of the authors' train.py (--model_type) and the ID init each used in their README.
+PIPELINES = ('alphafuse', 'id', 'llminit', 'morec', 'whitenrec', 'unisrec', 'rlmrec', 'llmesr')
+
+
+def get_config(pipeline: str = 'alphafuse') -> config_dict.ConfigDict:
+  if pipeline not in PIPELINES:
+    raise ValueError(f'reference_parity.py:{pipeline}: the pipeline must be one of {PIPELINES}.')
+  config = _default.get_config()
+  config.embedding.pipeline = pipeline
+  # The README's Movies command uses zeros for AlphaFuse; --ID_embs_init_type defaults to normal.
+  config.embedding.id_init = 'zeros' if pipeline == 'alphafuse' else 'normal'
+  config.model.block = 'reference'
+  config.train.shuffle = False
+  config.train.num_epochs = 6
+  return config

@@ -1,0 +1,25 @@
+"""A shrunken config for tests and smoke runs: MovieLens-100K, small model, one epoch.
+
+Command:
+  python -m alphafuse_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
+Runtime: seconds of training after the data and MiniLM embeddings are cached.
+"""
+
+from ml_collections import config_dict
+
+import default as _default  # configs/ is on sys.path when ml_collections loads a config file.
+
+
+def get_config() -> config_dict.ConfigDict:
+  config = _default.get_config()
+  config.data.source = 'ml-100k'
+  # Small model: 32 wide, 16 ID dims in the null space.
+  config.embedding.hidden_dim = 32
+  config.embedding.null_dim = 16
+  config.train.batch_size = 64
+  config.train.num_negatives = 8
+  config.train.num_epochs = 1
+  config.train.checkpoint_every_steps = 0
+  config.eval.batch_size = 256
+  config.progress_bar = False
+  return config
