@@ -6,9 +6,14 @@ Literature (SASRec with full CE / gSASRec, HR@10 / NDCG@10): 0.3152 / 0.1821 and
 Training: every position predicts its next item (full-softmax CE), Kang & McAuley's blocks.
 """
 
+import os
+import sys
+
 from ml_collections import config_dict
 
-import default as _default
+# Config files are loaded by path; make `configs` importable from any working directory.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import default as _default  # pylint: disable=g-import-not-at-top
 
 
 def get_config(pipeline: str = 'id') -> config_dict.ConfigDict:

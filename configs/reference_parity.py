@@ -8,9 +8,14 @@ The reference: one block of the authors' layout, InfoNCE with 64 negatives at te
 Adam with coupled L2 1e-6, lr 1e-3, batch 256, no shuffling (their DataLoader's order).
 """
 
+import os
+import sys
+
 from ml_collections import config_dict
 
-import default as _default
+# Config files are loaded by path; make `configs` importable from any working directory.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import default as _default  # pylint: disable=g-import-not-at-top
 
 # Pipelines of the authors' train.py (--model_type) and the ID init each used in their README.
 PIPELINES = ('alphafuse', 'id', 'llminit', 'morec', 'whitenrec', 'unisrec', 'rlmrec', 'llmesr')

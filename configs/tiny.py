@@ -5,9 +5,14 @@ Command:
 Runtime: seconds of training after the data and MiniLM embeddings are cached.
 """
 
+import os
+import sys
+
 from ml_collections import config_dict
 
-import default as _default  # configs/ is on sys.path when ml_collections loads a config file.
+# Config files are loaded by path; make `configs` importable from any working directory.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import default as _default  # pylint: disable=g-import-not-at-top
 
 
 def get_config() -> config_dict.ConfigDict:
