@@ -1,0 +1,159 @@
+"""Full-ranking metrics against hand-computed values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alphafuse_jax import metrics
+
+
+def test_target_ranks_counts_strictly_higher_scores():
+  scores = jnp.array([[0.5, 0.9, 0.1, 0.9, 0.3],
+                      [0.0, 1.0, 2.0, 3.0, 4.0],
+                      [0.0, 1.0, 2.0, 3.0, 4.0]])
+  targets = jnp.array([0, 4, 0])
+  # Row 0: 0.9 and 0.9 beat 0.5 -> 3. Row 1: best -> 1. Row 2: worst of 5 -> 5.
+  np.testing.assert_array_equal(metrics.target_ranks(scores, targets), [3, 1, 5])
+
+
+def test_ties_optimistic_and_pessimistic():
+  scores = jnp.array([[0.5, 0.9, 0.1, 0.9, 0.3],
+                      [0.2, 0.2, 0.2, 0.2, 0.2]])
+  targets = jnp.array([1, 2])
+  # Row 0: the target ties with item 3 at the top: optimistic 1, pessimistic 2.
+  # Row 1: all five tie: optimistic 1, pessimistic 5.
+  np.testing.assert_array_equal(metrics.target_ranks(scores, targets), [1, 1])
+  np.testing.assert_array_equal(metrics.target_ranks(scores, targets, ties='pessimistic'), [2, 5])
+  with pytest.raises(ValueError, match='tie rule'):
+    metrics.target_ranks(scores, targets, ties='random')
+
+
+def test_tie_at_the_cutoff_changes_hr():
+  # Target (item 0) ties with item 5 after four strictly better items: rank 5 or 6.
+  scores = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0, 1.0, 0.0]])
+  targets = jnp.array([0])
+  optimistic = metrics.ranking_metrics(metrics.target_ranks(scores, targets), ks=(5,))
+  pessimistic = metrics.ranking_metrics(
+      metrics.target_ranks(scores, targets, ties='pessimistic'), ks=(5,))
+  assert float(optimistic['HR@5']) == 1.0
+  assert float(optimistic['NDCG@5']) == pytest.approx(1 / math.log2(6))
+  assert float(optimistic['MRR@5']) == pytest.approx(0.2)
+  assert float(pessimistic['HR@5']) == 0.0
+  assert float(pessimistic['NDCG@5']) == 0.0
+
+
+def test_nan_target_score_gets_the_worst_rank():
+  scores = jnp.array([[jnp.nan, 1.0, 2.0]])
+  assert int(metrics.target_ranks(scores, jnp.array([0]))[0]) == 3
+
+
+def test_exclude_padded_index_list_never_drops_the_target():
+  n = 6
+  scores = jnp.array([[0.1, 0.9, 0.8, 0.7, 0.2, 0.3],
+                      [0.1, 0.9, 0.8, 0.7, 0.2, 0.3]])
+  targets = jnp.array([3, 3])
+  # Row 0 excludes items 1 and 2 (better than the target), the target itself, pads (n) and -1.
+  # Row 1 excludes only item 5 (worse than the target).
+  exclude = jnp.array([[1, 3, 2, n, -1],
+                       [5, n, n, n, n]])
+  np.testing.assert_array_equal(metrics.target_ranks(scores, targets), [3, 3])
+  np.testing.assert_array_equal(metrics.target_ranks(scores, targets, exclude), [1, 3])
+  # The same exclusion as a boolean mask.
+  mask = np.zeros((2, n), bool)
+  mask[0, [1, 2, 3]] = True
+  mask[1, 5] = True
+  np.testing.assert_array_equal(metrics.target_ranks(scores, targets, jnp.asarray(mask)), [1, 3])
+  np.testing.assert_array_equal(
+      metrics.target_ranks(scores, targets, jnp.asarray(mask), ties='pessimistic'), [1, 3])
+  with pytest.raises(ValueError, match='shape'):
+    metrics.target_ranks(scores, targets, jnp.zeros((2, 3), bool))
+
+
+def test_ranking_metrics_hand_computed_and_masked_rows():
+  # Ranks 1, 3, 12, 60 by hand; the fifth row is padding (mask False) and must not count.
+  ranks = jnp.array([1, 3, 12, 60, 1])
+  mask = jnp.array([True, True, True, True, False])
+  sums = metrics.ranking_metrics(ranks, mask)
+  ndcg_12 = 1 / math.log2(13)  # 0.2702381...
+  expected = {
+      'count': 4,
+      'HR@1': 1, 'HR@5': 2, 'HR@10': 2, 'HR@20': 3, 'HR@50': 3,
+      'NDCG@1': 1, 'NDCG@5': 1.5, 'NDCG@10': 1.5, 'NDCG@20': 1.5 + ndcg_12, 'NDCG@50': 1.5 + ndcg_12,
+      'MRR@1': 1, 'MRR@5': 1 + 1 / 3, 'MRR@10': 1 + 1 / 3, 'MRR@20': 1 + 1 / 3 + 1 / 12,
+      'MRR@50': 1 + 1 / 3 + 1 / 12,
+  }
+  assert set(sums) == set(expected)
+  for key, value in expected.items():
+    assert float(sums[key]) == pytest.approx(value, rel=1e-6), key
+  means = metrics.finalize(sums)
+  assert means['HR@20'] == pytest.approx(0.75)
+  assert means['NDCG@20'] == pytest.approx((1.5 + ndcg_12) / 4, rel=1e-6)
+  assert means['MRR@5'] == pytest.approx((4 / 3) / 4, rel=1e-6)
+  assert means['count'] == 4
+
+
+def test_accumulate_over_batches_counts_every_example_once():
+  # Two batches of 3 rows (the second padded with one fake row) equal one batch of the 5 real rows.
+  ranks = np.array([1, 3, 12, 60, 2])
+  full = metrics.finalize(metrics.ranking_metrics(jnp.asarray(ranks)))
+  total = None
+  total = metrics.accumulate(total, metrics.ranking_metrics(jnp.asarray(ranks[:3])))
+  total = metrics.accumulate(total, metrics.ranking_metrics(
+      jnp.array([60, 2, 1]), jnp.array([True, True, False])))
+  batched = metrics.finalize(total)
+  assert batched['count'] == 5
+  for key in full:
+    assert batched[key] == pytest.approx(full[key], rel=1e-6), key
+
+
+def test_item_groups_top_fraction_ties_by_id():
+  counts = np.array([5, 1, 5, 0, 9, 2, 2, 7, 3, 1])
+  # 20% of 10 items: the two most popular, items 4 (9) and 7 (7).
+  np.testing.assert_array_equal(np.flatnonzero(metrics.item_groups(counts, 0.2)), [4, 7])
+  # 30%: items 0 and 2 tie at 5 for the third place; the lower id (0) wins.
+  np.testing.assert_array_equal(np.flatnonzero(metrics.item_groups(counts, 0.3)), [0, 4, 7])
+  with pytest.raises(ValueError, match='head_fraction'):
+    metrics.item_groups(counts, 1.5)
+
+
+def test_group_ids_and_grouped_metrics():
+  pad = 9
+  history = jnp.array([[pad, pad, 1, 2],   # length 2 -> short
+                       [0, 1, 2, 3],       # 4 -> long
+                       [pad, 4, 5, 6],     # 3 -> long (threshold 3: length < 3 is short)
+                       [pad, pad, pad, pad]])  # 0 -> short
+  np.testing.assert_array_equal(metrics.user_group_ids(history, pad, threshold=3), [0, 1, 1, 0])
+  is_head = np.zeros(9, bool)
+  is_head[[2, 7]] = True
+  targets = jnp.array([7, 0, 2, 5])
+  item_ids = metrics.item_group_ids(targets, is_head)
+  np.testing.assert_array_equal(item_ids, [1, 0, 1, 0])
+
+  ranks = jnp.array([1, 3, 12, 60])
+  mask = jnp.array([True, True, True, False])
+  sums = metrics.grouped_ranking_metrics(ranks, mask, item_ids, metrics.ITEM_GROUP_NAMES, ks=(10,))
+  means = metrics.finalize(sums)
+  # head: ranks 1 and 12 -> HR@10 1/2, NDCG@10 1/2, MRR@10 1/2; tail: rank 3 only (60 masked).
+  assert means['head/count'] == 2 and means['tail/count'] == 1
+  assert means['head/HR@10'] == pytest.approx(0.5)
+  assert means['head/NDCG@10'] == pytest.approx(0.5)
+  assert means['tail/HR@10'] == pytest.approx(1.0)
+  assert means['tail/NDCG@10'] == pytest.approx(0.5)
+  assert means['tail/MRR@10'] == pytest.approx(1 / 3)
+  # A group with no example has count 0 and NaN means.
+  empty = metrics.finalize(metrics.grouped_ranking_metrics(
+      ranks, mask, jnp.zeros(4, jnp.int32), ('a', 'b'), ks=(10,)))
+  assert empty['b/count'] == 0 and math.isnan(empty['b/HR@10'])
+
+
+def test_ranks_match_a_sort_on_random_scores_and_jit():
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=(16, 50)).astype(np.float32)
+  targets = rng.integers(0, 50, size=16)
+  order = np.argsort(-scores, axis=1, kind='stable')
+  expected = np.array([np.flatnonzero(order[i] == targets[i])[0] + 1 for i in range(16)])
+  got = jax.jit(metrics.target_ranks)(jnp.asarray(scores), jnp.asarray(targets))
+  np.testing.assert_array_equal(got, expected)
