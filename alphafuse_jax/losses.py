@@ -1,0 +1,248 @@
+"""Training losses for SASRec: full-softmax CE, BCE and InfoNCE with sampled negatives.
+
+The reference (reference-spec §3.2) trains on the last position only:
+  * 'ce': logits = s E[:N]^T over all N items, softmax cross-entropy;
+  * 'bce': K uniform negatives per row; BCE(<s, e_pos>, 1) averaged over rows plus
+    BCE(<s, e_neg>, 0) averaged over rows x K;
+  * 'infonce': K uniform negatives; logits [cos(s, e_pos), cos(s, e_neg_1..K)] / tau with
+    F.normalize's eps 1e-12; cross-entropy with label 0.
+Every loss takes optional per-row weights (0 for padded rows of the last batch) and averages over
+valid rows only. `positional_loss` is the leave-one-out variant: every non-pad history position
+predicts its next item.
+
+Item embeddings for the sampled losses are either a table [N or N+1, h] (rows gathered by id) or a
+callable ids -> [..., h] (e.g. `SASRec.embed_items` bound to the current parameters), so pipelines
+with adapters need not embed the whole catalogue every step.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ItemEmbeddings = Array | Callable[[Array], Array]
+
+LOSSES = ('ce', 'bce', 'infonce')
+# torch.nn.functional.normalize's default epsilon.
+NORMALIZE_EPS = 1e-12
+
+
+def sample_negatives(key: Array, targets: Array, num_items: int, num_negatives: int) -> Array:
+  """Draws negatives uniformly from the N-1 items other than each target.
+
+  The reference draws from 0..N-1 and re-draws where a negative equals the target. We draw
+  r ~ U{0..N-2} and shift it past the target (r + [r >= target]): the same distribution, exact, and
+  with a static shape. Duplicates and history items are allowed, as in the reference.
+
+  Args:
+    key: a jax.random key.
+    targets: int [...] target ids in 0..N-1 (a pad id N yields any real item).
+    num_items: N (>= 2).
+    num_negatives: K (>= 1).
+  Returns:
+    int32 [..., K] negative ids in 0..N-1, never equal to the row's target.
+  """
+  if num_items < 2:
+    raise ValueError(f'Sampling negatives needs at least 2 items, got num_items={num_items}.')
+  if num_negatives < 1:
+    raise ValueError(f'config.train.num_negatives must be >= 1, got {num_negatives}.')
+  draws = jax.random.randint(key, targets.shape + (num_negatives,), 0, num_items - 1,
+                             dtype=jnp.int32)
+  return draws + (draws >= targets[..., None]).astype(jnp.int32)
+
+
+def weighted_mean(values: Array, weights: Array | None = None) -> Array:
+  """sum(w * v) / sum(w) over all entries (0 when every weight is 0); plain mean when weights=None.
+
+  Args:
+    values: [...] per-example losses.
+    weights: None or [...] (bool or float) broadcastable to values; 0 marks rows that do not count.
+  """
+  if weights is None:
+    return jnp.mean(values)
+  weights = jnp.broadcast_to(jnp.asarray(weights, values.dtype), values.shape)
+  # Rows with weight 0 must not leak inf/NaN into the sum.
+  values = jnp.where(weights > 0, values, 0.0)
+  total = jnp.sum(weights)
+  return jnp.where(total > 0, jnp.sum(weights * values) / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def l2_normalize(x: Array, eps: float = NORMALIZE_EPS) -> Array:
+  """x / max(||x||_2, eps) along the last axis (torch.nn.functional.normalize)."""
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
+  """-log softmax(logits)[label] per example; logits [..., C], labels int [...] -> [...]."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+
+
+def ce_per_example(states: Array, item_table: Array, targets: Array) -> Array:
+  """Full-softmax CE over the N items: states [..., h], item_table [N, h], targets [...] -> [...]."""
+  return softmax_cross_entropy(jnp.matmul(states, item_table.T), targets)
+
+
+def bce_per_example(states: Array, positive: Array, negatives: Array) -> Array:
+  """BCE-with-logits: softplus(-<s, e+>) + mean_k softplus(<s, e-_k>).
+
+  A weighted mean of this over rows equals the reference's pos mean over rows plus its neg mean
+  over rows x K, since every row has the same K negatives.
+
+  Args:
+    states: [..., h]; positive: [..., h]; negatives: [..., K, h].
+  Returns:
+    [...].
+  """
+  pos_logits = jnp.sum(states * positive, axis=-1)
+  neg_logits = jnp.einsum('...h,...kh->...k', states, negatives)
+  return jax.nn.softplus(-pos_logits) + jnp.mean(jax.nn.softplus(neg_logits), axis=-1)
+
+
+def infonce_per_example(states: Array, positive: Array, negatives: Array,
+                        temperature: float) -> Array:
+  """CE with label 0 over [cos(s, e+), cos(s, e-_1..K)] / temperature.
+
+  Args:
+    states: [..., h]; positive: [..., h]; negatives: [..., K, h].
+  Returns:
+    [...].
+  """
+  if temperature <= 0:
+    raise ValueError(f'config.train.temperature must be > 0, got {temperature}.')
+  s = l2_normalize(states)
+  pos = jnp.sum(s * l2_normalize(positive), axis=-1, keepdims=True)
+  neg = jnp.einsum('...h,...kh->...k', s, l2_normalize(negatives))
+  logits = jnp.concatenate([pos, neg], axis=-1) / temperature
+  return softmax_cross_entropy(logits, jnp.zeros(logits.shape[:-1], jnp.int32))
+
+
+def _lookup(item_embeddings: ItemEmbeddings, ids: Array) -> Array:
+  """Embeddings [..., h] of ids [...] from a table (gather) or a callable."""
+  if callable(item_embeddings):
+    return item_embeddings(ids)
+  return jnp.take(item_embeddings, ids, axis=0)
+
+
+def _real_item_table(item_embeddings: ItemEmbeddings, num_items: int) -> Array:
+  """The [N, h] table for full-softmax CE; accepts N rows or N+1 (the pad row is dropped)."""
+  if callable(item_embeddings):
+    raise ValueError("The 'ce' loss needs the full item table [N, h], not a lookup function.")
+  rows = item_embeddings.shape[0]
+  if rows == num_items + 1:
+    return item_embeddings[:num_items]
+  if rows != num_items:
+    raise ValueError(f'Item table has {rows} rows; expected num_items={num_items} '
+                     f'(or {num_items + 1} with the pad row).')
+  return item_embeddings
+
+
+def per_example_loss(kind: str, states: Array, targets: Array, item_embeddings: ItemEmbeddings, *,
+                     num_items: int, key: Array | None = None, num_negatives: int = 1,
+                     temperature: float = 0.07) -> Array:
+  """Per-example loss [...] for states [..., h] and targets int [...].
+
+  Args:
+    kind: 'ce', 'bce' or 'infonce' (config.train.loss).
+    item_embeddings: [N or N+1, h] table, or (sampled losses only) a callable ids -> [..., h].
+    num_items: N.
+    key: random key for the negatives ('bce' and 'infonce').
+    num_negatives: K negatives per example.
+    temperature: InfoNCE temperature tau.
+  """
+  if kind == 'ce':
+    return ce_per_example(states, _real_item_table(item_embeddings, num_items), targets)
+  if kind not in LOSSES:
+    raise ValueError(f'Unknown loss {kind!r} (config.train.loss); use one of {LOSSES}.')
+  if key is None:
+    raise ValueError(f'The {kind!r} loss samples negatives and needs a random key.')
+  negatives = sample_negatives(key, targets, num_items, num_negatives)
+  positive = _lookup(item_embeddings, targets)
+  negative = _lookup(item_embeddings, negatives)
+  if kind == 'bce':
+    return bce_per_example(states, positive, negative)
+  return infonce_per_example(states, positive, negative, temperature)
+
+
+def loss(kind: str, states: Array, targets: Array, item_embeddings: ItemEmbeddings, *,
+         num_items: int, key: Array | None = None, num_negatives: int = 1,
+         temperature: float = 0.07, weights: Array | None = None) -> Array:
+  """The reference's last-position loss: weighted mean over valid rows of `per_example_loss`.
+
+  Args:
+    states: [batch, h] user states; targets: int [batch]; weights: None or [batch] (0 = padded row).
+    Other arguments as in `per_example_loss`.
+  Returns:
+    scalar.
+  """
+  if weights is not None:
+    # Padded rows may carry the pad id as target: point them at item 0 so every value (and every
+    # gradient) stays finite; their weight is 0 anyway.
+    targets = jnp.where(jnp.asarray(weights) > 0, targets, 0)
+  values = per_example_loss(kind, states, targets, item_embeddings, num_items=num_items, key=key,
+                            num_negatives=num_negatives, temperature=temperature)
+  return weighted_mean(values, weights)
+
+
+def ce_loss(states: Array, item_table: Array, targets: Array,
+            weights: Array | None = None) -> Array:
+  """Full-softmax CE: states [batch, h], item_table [N, h], targets [batch] -> scalar."""
+  return weighted_mean(ce_per_example(states, item_table, targets), weights)
+
+
+def bce_loss(states: Array, targets: Array, item_embeddings: ItemEmbeddings, key: Array, *,
+             num_items: int, num_negatives: int, weights: Array | None = None) -> Array:
+  """BCE with K uniform negatives per row (see `bce_per_example`) -> scalar."""
+  return loss('bce', states, targets, item_embeddings, num_items=num_items, key=key,
+              num_negatives=num_negatives, weights=weights)
+
+
+def infonce_loss(states: Array, targets: Array, item_embeddings: ItemEmbeddings, key: Array, *,
+                 num_items: int, num_negatives: int, temperature: float,
+                 weights: Array | None = None) -> Array:
+  """InfoNCE on cosine similarity with K uniform negatives (see `infonce_per_example`) -> scalar."""
+  return loss('infonce', states, targets, item_embeddings, num_items=num_items, key=key,
+              num_negatives=num_negatives, temperature=temperature, weights=weights)
+
+
+def positional_targets(history: Array, targets: Array, pad_id: int) -> tuple[Array, Array]:
+  """Next-item targets at every position, for leave-one-out training.
+
+  Needs LEFT-padded histories (the project's convention): position i predicts history[i+1], and the
+  last position predicts the example's target.
+
+  Args:
+    history: int [batch, L] (pad = pad_id); targets: int [batch].
+  Returns:
+    (next_items int [batch, L], valid bool [batch, L]); a position counts when its input and its
+    next item are both real items.
+  """
+  next_items = jnp.concatenate([history[:, 1:], targets[:, None]], axis=1)
+  valid = (history != pad_id) & (next_items != pad_id)
+  return next_items, valid
+
+
+def positional_loss(kind: str, encoded: Array, history: Array, targets: Array,
+                    item_embeddings: ItemEmbeddings, *, num_items: int, key: Array | None = None,
+                    num_negatives: int = 1, temperature: float = 0.07,
+                    weights: Array | None = None) -> Array:
+  """Every-position next-item loss (the literature's SASRec training), averaged over valid positions.
+
+  Args:
+    encoded: [batch, L, h] from `SASRec.encode`; history: int [batch, L]; targets: int [batch].
+    weights: None or [batch] row weights (0 = padded row); multiplied into the position mask.
+    Other arguments as in `per_example_loss` (negatives are drawn per position).
+  Returns:
+    scalar: the mean over all valid (row, position) pairs of the batch; 0 if there are none.
+  """
+  next_items, valid = positional_targets(history, targets, num_items)
+  position_weights = valid.astype(encoded.dtype)
+  if weights is not None:
+    position_weights = position_weights * jnp.asarray(weights, encoded.dtype)[:, None]
+  # Positions that do not count get item 0 as target so that no NaN reaches the gradient.
+  next_items = jnp.where(position_weights > 0, next_items, 0)
+  values = per_example_loss(kind, encoded, next_items, item_embeddings, num_items=num_items,
+                            key=key, num_negatives=num_negatives, temperature=temperature)
+  return weighted_mean(values, position_weights)

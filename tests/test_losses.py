@@ -1,0 +1,188 @@
+"""Losses against float64 numpy computations with the same negatives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alphafuse_jax import losses
+
+N, H, B, K = 7, 5, 6, 4
+
+
+def _np_log_softmax(x):
+  x = x - x.max(axis=-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _np_softplus(x):
+  return np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0)
+
+
+def _np_normalize(x):
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _data(seed=0):
+  rng = np.random.default_rng(seed)
+  states = rng.normal(size=(B, H)).astype(np.float32)
+  table = rng.normal(size=(N + 1, H)).astype(np.float32)  # Row N is the pad row.
+  targets = rng.integers(0, N, size=B).astype(np.int32)
+  return states, table, targets
+
+
+def test_negatives_never_hit_the_target_and_are_uniform_over_the_rest():
+  targets = jnp.array([0, 3, 6, 2], jnp.int32)
+  negatives = np.asarray(losses.sample_negatives(jax.random.key(0), targets, N, 3000))
+  assert negatives.shape == (4, 3000) and negatives.dtype == np.int32
+  for row, target in enumerate(np.asarray(targets)):
+    assert not np.any(negatives[row] == target)
+    counts = np.bincount(negatives[row], minlength=N)
+    others = np.delete(counts, target)
+    # Every other item appears, about 3000 / 6 = 500 times each.
+    assert set(np.flatnonzero(counts)) == set(range(N)) - {target}
+    assert np.all(np.abs(others - 500) < 100), counts
+  with pytest.raises(ValueError, match='num_negatives'):
+    losses.sample_negatives(jax.random.key(0), targets, N, 0)
+
+
+def test_ce_matches_numpy_and_accepts_the_pad_row():
+  states, table, targets = _data()
+  logits = states.astype(np.float64) @ table[:N].astype(np.float64).T
+  expected = -_np_log_softmax(logits)[np.arange(B), targets].mean()
+  got_n = losses.ce_loss(jnp.asarray(states), jnp.asarray(table[:N]), jnp.asarray(targets))
+  got_n1 = losses.loss('ce', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
+                       num_items=N)
+  np.testing.assert_allclose(got_n, expected, rtol=1e-5)
+  np.testing.assert_allclose(got_n1, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match='rows'):
+    losses.loss('ce', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table[:3]),
+                num_items=N)
+
+
+def _np_bce(states, table, targets, negatives, valid):
+  s, e = states.astype(np.float64), table.astype(np.float64)
+  pos = np.einsum('bh,bh->b', s, e[targets])
+  neg = np.einsum('bh,bkh->bk', s, e[negatives])
+  # The reference: BCE(pos, 1) averaged over rows + BCE(neg, 0) averaged over rows x K.
+  return _np_softplus(-pos)[valid].mean() + _np_softplus(neg)[valid].mean()
+
+
+def _np_infonce(states, table, targets, negatives, tau, valid):
+  s = _np_normalize(states.astype(np.float64))
+  e = table.astype(np.float64)
+  pos = np.einsum('bh,bh->b', s, _np_normalize(e[targets]))
+  neg = np.einsum('bh,bkh->bk', s, _np_normalize(e[negatives]))
+  logits = np.concatenate([pos[:, None], neg], axis=1) / tau
+  return -_np_log_softmax(logits)[:, 0][valid].mean()
+
+
+def test_bce_and_infonce_match_numpy_with_the_same_negatives():
+  states, table, targets = _data(1)
+  key = jax.random.key(3)
+  negatives = np.asarray(losses.sample_negatives(key, jnp.asarray(targets), N, K))
+  valid = np.ones(B, bool)
+  args = (jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table), key)
+  got = losses.bce_loss(*args, num_items=N, num_negatives=K)
+  np.testing.assert_allclose(got, _np_bce(states, table, targets, negatives, valid), rtol=1e-5)
+  got = losses.infonce_loss(*args, num_items=N, num_negatives=K, temperature=0.07)
+  np.testing.assert_allclose(
+      got, _np_infonce(states, table, targets, negatives, 0.07, valid), rtol=1e-5)
+  # A lookup function gives the same value as the table.
+  lookup = lambda ids: jnp.take(jnp.asarray(table), ids, axis=0)
+  got_fn = losses.infonce_loss(args[0], args[1], lookup, key, num_items=N, num_negatives=K,
+                               temperature=0.07)
+  np.testing.assert_allclose(got_fn, got, rtol=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['ce', 'bce', 'infonce'])
+def test_padded_rows_do_not_count(kind):
+  states, table, targets = _data(2)
+  weights = np.array([1, 1, 1, 1, 0, 0], np.float32)
+  padded_targets = targets.copy()
+  padded_targets[4:] = N  # Padded rows carry the pad id as target.
+  key = jax.random.key(5)
+  kwargs = dict(num_items=N, key=key, num_negatives=K, temperature=0.1)
+
+  def padded_loss(s):
+    return losses.loss(kind, s, jnp.asarray(padded_targets), jnp.asarray(table),
+                       weights=jnp.asarray(weights), **kwargs)
+
+  got, grad = jax.value_and_grad(padded_loss)(jnp.asarray(states))
+  valid = weights > 0
+  if kind == 'ce':
+    logits = states.astype(np.float64) @ table[:N].astype(np.float64).T
+    expected = -_np_log_softmax(logits)[np.arange(B), targets][valid].mean()
+  else:
+    # The padded targets were replaced by item 0 before sampling; the valid rows' draws match.
+    negatives = np.asarray(losses.sample_negatives(
+        key, jnp.asarray(np.where(valid, targets, 0)), N, K))
+    oracle = _np_bce if kind == 'bce' else (
+        lambda *a: _np_infonce(*a[:4], 0.1, a[4]))
+    expected = oracle(states, table, targets, negatives, valid)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  grad = np.asarray(grad)
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_array_equal(grad[~valid], 0.0)
+  assert np.abs(grad[valid]).sum() > 0
+  # All-zero weights give 0, not NaN.
+  zero = losses.loss(kind, jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
+                     weights=jnp.zeros(B), **kwargs)
+  assert float(zero) == 0.0
+
+
+def test_positional_loss_matches_a_per_position_numpy_loop():
+  rng = np.random.default_rng(4)
+  seq_len = 4
+  history = np.array([[N, N, 1, 2],
+                      [0, 3, 5, 6],
+                      [N, N, N, N],   # Empty history: no position counts.
+                      [N, 4, 4, 0]], np.int32)
+  targets = np.array([3, 2, 1, 5], np.int32)
+  row_weights = np.array([1, 1, 1, 0], np.float32)  # The last row is batch padding.
+  encoded = rng.normal(size=(4, seq_len, H)).astype(np.float32)
+  table = rng.normal(size=(N + 1, H)).astype(np.float32)
+
+  next_items, valid = losses.positional_targets(jnp.asarray(history), jnp.asarray(targets), N)
+  np.testing.assert_array_equal(next_items[0], [N, 1, 2, 3])
+  np.testing.assert_array_equal(valid[0], [False, False, True, True])
+  np.testing.assert_array_equal(valid[2], [False] * 4)
+
+  key = jax.random.key(7)
+  # Counted positions: (0, 2) -> 2, (0, 3) -> 3, (1, 0..3) -> 3, 5, 6, 2. Row 3 has weight 0.
+  counted = [(0, 2, 2), (0, 3, 3), (1, 0, 3), (1, 1, 5), (1, 2, 6), (1, 3, 2)]
+  for kind in ('ce', 'bce', 'infonce'):
+    got = losses.positional_loss(kind, jnp.asarray(encoded), jnp.asarray(history),
+                                 jnp.asarray(targets), jnp.asarray(table), num_items=N, key=key,
+                                 num_negatives=K, temperature=0.2,
+                                 weights=jnp.asarray(row_weights))
+    # The loss draws negatives for the [4, L] targets with non-counted positions set to item 0.
+    used = np.where(np.asarray(valid) & (row_weights[:, None] > 0), np.asarray(next_items), 0)
+    negatives = np.asarray(losses.sample_negatives(key, jnp.asarray(used), N, K))
+    values = []
+    for b, i, target in counted:
+      s = encoded[b, i].astype(np.float64)
+      e = table.astype(np.float64)
+      if kind == 'ce':
+        values.append(-_np_log_softmax(e[:N] @ s)[target])
+      elif kind == 'bce':
+        values.append(_np_softplus(-(s @ e[target])) + _np_softplus(e[negatives[b, i]] @ s).mean())
+      else:
+        sn = _np_normalize(s)
+        logits = np.concatenate([[sn @ _np_normalize(e[target])],
+                                 _np_normalize(e[negatives[b, i]]) @ sn]) / 0.2
+        values.append(-_np_log_softmax(logits)[0])
+    np.testing.assert_allclose(got, np.mean(values), rtol=1e-5, err_msg=kind)
+
+
+def test_bad_arguments_raise():
+  states, table, targets = _data()
+  with pytest.raises(ValueError, match='config.train.loss'):
+    losses.loss('hinge', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
+                num_items=N)
+  with pytest.raises(ValueError, match='random key'):
+    losses.loss('bce', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
+                num_items=N)
+  with pytest.raises(ValueError, match='temperature'):
+    losses.loss('infonce', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
+                num_items=N, key=jax.random.key(0), temperature=0.0)
