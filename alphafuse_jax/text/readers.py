@@ -119,7 +119,8 @@ def validate_embeddings(array: np.ndarray, source: str = 'embeddings',
                              f'{num_items} items; row i must be item i for every item.')
   if array.shape[0] == 0 or array.shape[1] == 0:
     raise EmbeddingFileError(f'{source}: the array is empty (shape {array.shape}).')
-  array = np.asarray(array, dtype=np.float32)
+  with np.errstate(over='ignore'):  # Values beyond float32 become inf and are reported below.
+    array = np.asarray(array, dtype=np.float32)
   finite = np.isfinite(array)
   if not finite.all():
     item = int(np.flatnonzero(~finite.all(axis=1))[0])
