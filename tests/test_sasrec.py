@@ -1,0 +1,245 @@
+"""SASRec: parameter counts, float64 numpy oracles of both block styles, masking and gathering."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alphafuse_jax.models import SASRec, SimpleIdEmbedding, last_nonpad_index
+
+N, H, L = 7, 8, 5
+PAD = N
+FILL = -(2.0**32) + 1.0
+
+# Left-padded rows, a full row and an all-pad row (ids 0..N-1, pad N).
+HISTORY = np.array([[PAD, PAD, 1, 2, 3],
+                    [4, 0, 6, 6, 2],
+                    [PAD, PAD, PAD, PAD, 5],
+                    [PAD, PAD, PAD, PAD, PAD]], np.int32)
+
+
+def _model(block, num_blocks=1, num_heads=2, pre_ln=True, dropout_rate=0.1):
+  return SASRec(SimpleIdEmbedding(N, H), L, block=block, num_blocks=num_blocks,
+                num_heads=num_heads, dropout_rate=dropout_rate, pre_ln=pre_ln)
+
+
+def _random_params(model, seed=0):
+  """Initialised params with every leaf (LayerNorms included) replaced by random values."""
+  params = model.init(jax.random.key(seed), jnp.asarray(HISTORY), deterministic=True)['params']
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [0.5 * jax.random.normal(k, x.shape) + (1.0 if x.ndim == 1 else 0.0)
+            for k, x in zip(keys, leaves)]
+  return jax.tree.unflatten(tree, leaves)
+
+
+def _count(params):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def test_parameter_counts():
+  n, h, seq_len, blocks = N, H, L, 2
+  item = (n + 1) * h           # ID table with the pad row: 8 * 8 = 64
+  position = seq_len * h       # learned positions: 5 * 8 = 40
+  # Reference block: Q, K, V (3 (h^2 + h)), FFN w_1, w_2 (2 (h^2 + h)), LayerNorms ln_1, ln_2,
+  # ln_3 and the FFN's own (4 * 2h): 5h^2 + 13h = 320 + 104 = 424. No output projection.
+  reference_block = 5 * (h * h + h) + 4 * 2 * h
+  assert reference_block == 424
+  # Standard block: Q, K, V, O (4 (h^2 + h)), FFN (2 (h^2 + h)), two LayerNorms (2 * 2h):
+  # 6h^2 + 10h = 384 + 80 = 464; plus one final LayerNorm (2h) for pre-LN.
+  standard_block = 6 * (h * h + h) + 2 * 2 * h
+  assert standard_block == 464
+  init = lambda m: m.init(jax.random.key(0), jnp.asarray(HISTORY), deterministic=True)['params']
+  assert _count(init(_model('reference', 1))) == item + position + reference_block == 528
+  assert _count(init(_model('reference', blocks))) == item + position + 2 * reference_block == 952
+  assert (_count(init(_model('standard', blocks, pre_ln=True)))
+          == item + position + 2 * standard_block + 2 * h == 1048)
+  assert (_count(init(_model('standard', blocks, pre_ln=False)))
+          == item + position + 2 * standard_block == 1032)
+
+
+# ---------------------------------------------------------------- float64 numpy oracles
+
+
+def _np(params):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+
+
+def _ln(x, p):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-5) * p['scale'] + p['bias']
+
+
+def _lin(x, p):
+  return x @ p['kernel'] + p['bias']
+
+
+def _softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+
+
+def _torch_split_heads(x, heads):
+  """torch.cat(torch.split(x, h // heads, dim=2), dim=0): [B, L, h] -> [heads * B, L, h / heads]."""
+  return np.concatenate(np.split(x, heads, axis=2), axis=0)
+
+
+def _reference_block_np(p, queries_in, ids, heads):
+  """The authors' block, literally (reference-spec §3.1 steps 3-6, modules.py masking included)."""
+  batch, seq_len, h = queries_in.shape
+  m = (ids != PAD)[..., None].astype(np.float64)
+  e = queries_in
+  q = _ln(e, p['ln_1'])
+  att = p['attention']
+  Q_ = _torch_split_heads(_lin(q, att['query']), heads)
+  K_ = _torch_split_heads(_lin(e, att['key']), heads)
+  V_ = _torch_split_heads(_lin(e, att['value']), heads)
+  scores = Q_ @ K_.transpose(0, 2, 1) / h ** 0.5        # 1/sqrt(h), NOT 1/sqrt(h / heads)
+  key_mask = np.tile(np.sign(np.abs(e.sum(-1))), (heads, 1))[:, None, :]
+  scores = np.where(key_mask == 0, FILL, scores)
+  tril = np.tril(np.ones((seq_len, seq_len)))[None]
+  scores = np.where(tril == 0, FILL, scores)
+  weights = _softmax(scores)
+  query_mask = np.tile(np.sign(np.abs(q.sum(-1))), (heads, 1))[:, :, None]
+  out = (weights * query_mask) @ V_
+  out = np.concatenate(np.split(out, heads, axis=0), axis=2)  # Heads back along channels.
+  a = out + q                                                  # Residual on the normalised q.
+  x = _ln(a, p['ln_2'])
+  ffn = p['feed_forward']
+  y = _lin(np.maximum(_lin(x, ffn['w_1']), 0.0), ffn['w_2'])
+  f = _ln(y + x, ffn['layer_norm'])
+  return _ln(f * m, p['ln_3'])
+
+
+def _reference_np(params, ids, heads, blocks):
+  p = _np(params)
+  m = (ids != PAD)[..., None].astype(np.float64)
+  e = p['item_embedding']['embedding'][ids] + p['position_embedding']['embedding'][None]
+  x = e * m  # No sqrt(h) scaling.
+  for b in range(blocks):
+    x = _reference_block_np(p[f'blocks_{b}'], x * m, ids, heads)
+  return x
+
+
+def _standard_attention_np(p, x, ids, heads):
+  batch, seq_len, h = x.shape
+  d = h // heads
+  q, k, v = (_lin(x, p[name]) for name in ('query', 'key', 'value'))
+  allowed = np.tril(np.ones((seq_len, seq_len), bool))[None] & (ids != PAD)[:, None, :]
+  outs = []
+  for head in range(heads):
+    cols = slice(head * d, (head + 1) * d)
+    scores = q[..., cols] @ k[..., cols].transpose(0, 2, 1) / math.sqrt(d)
+    outs.append(_softmax(np.where(allowed, scores, FILL)) @ v[..., cols])
+  return _lin(np.concatenate(outs, axis=-1), p['out'])
+
+
+def _standard_np(params, ids, heads, blocks, pre_ln):
+  p = _np(params)
+  m = (ids != PAD)[..., None].astype(np.float64)
+  x = p['item_embedding']['embedding'][ids] * math.sqrt(H) + p['position_embedding']['embedding']
+  x = x * m
+  for b in range(blocks):
+    bp = p[f'blocks_{b}']
+    ffn = lambda y: _lin(np.maximum(_lin(y, bp['w_1']), 0.0), bp['w_2'])
+    attention = lambda y: _standard_attention_np(bp['attention'], y, ids, heads)
+    if pre_ln:
+      x = x + attention(_ln(x, bp['ln_1']))
+      x = x + ffn(_ln(x, bp['ln_2']))
+    else:
+      x = _ln(x + attention(x), bp['ln_1'])
+      x = _ln(x + ffn(x), bp['ln_2'])
+    x = x * m
+  return _ln(x, p['final_ln']) if pre_ln else x
+
+
+@pytest.mark.parametrize('blocks', [1, 2])
+def test_reference_forward_matches_numpy_float64(blocks):
+  model = _model('reference', blocks, num_heads=2)
+  params = _random_params(model)
+  got = model.apply({'params': params}, jnp.asarray(HISTORY), deterministic=True,
+                    method=SASRec.encode)
+  expected = _reference_np(params, HISTORY, heads=2, blocks=blocks)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  states = model.apply({'params': params}, jnp.asarray(HISTORY), deterministic=True)
+  np.testing.assert_allclose(np.asarray(states), expected[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('pre_ln', [True, False])
+def test_standard_forward_matches_numpy_float64(pre_ln):
+  model = _model('standard', 2, num_heads=2, pre_ln=pre_ln)
+  params = _random_params(model, seed=3)
+  got = model.apply({'params': params}, jnp.asarray(HISTORY), deterministic=True,
+                    method=SASRec.encode)
+  expected = _standard_np(params, HISTORY, heads=2, blocks=2, pre_ln=pre_ln)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- behaviour
+
+
+def test_state_is_taken_at_the_last_non_pad_position():
+  right_padded = np.array([[1, 2, 3, PAD, PAD],
+                           [4, PAD, PAD, PAD, PAD],
+                           [PAD, PAD, PAD, PAD, PAD],
+                           [PAD, 1, 2, 3, 4]], np.int32)
+  np.testing.assert_array_equal(last_nonpad_index(jnp.asarray(right_padded == PAD)), [2, 0, 4, 4])
+  for block in ('reference', 'standard'):
+    model = _model(block)
+    params = _random_params(model)
+    encoded = model.apply({'params': params}, jnp.asarray(right_padded), deterministic=True,
+                          method=SASRec.encode)
+    states = model.apply({'params': params}, jnp.asarray(right_padded), deterministic=True)
+    np.testing.assert_array_equal(states, encoded[jnp.arange(4), jnp.array([2, 0, 4, 4])])
+
+
+@pytest.mark.parametrize('block', ['reference', 'standard'])
+def test_causal_and_pad_row_invariance(block):
+  model = _model(block, num_blocks=2)
+  params = _random_params(model)
+  encode = lambda p, x: model.apply({'params': p}, jnp.asarray(x), deterministic=True,
+                                    method=SASRec.encode)
+  base = np.asarray(encode(params, HISTORY))
+  # Changing the item at position 3 leaves positions 0..2 untouched, and changes position 3.
+  changed = HISTORY.copy()
+  changed[:, 3] = np.where(changed[:, 3] == PAD, PAD, (changed[:, 3] + 1) % N)
+  out = np.asarray(encode(params, changed))
+  np.testing.assert_array_equal(out[:, :3], base[:, :3])
+  assert np.abs(out[:2, 3] - base[:2, 3]).max() > 1e-3
+  # The pad row's embedding never matters.
+  moved = jax.tree.map(lambda x: x, params)
+  moved['item_embedding']['embedding'] = moved['item_embedding']['embedding'].at[PAD].set(100.0)
+  np.testing.assert_allclose(np.asarray(encode(moved, HISTORY)), base, atol=1e-6)
+
+
+def test_dropout_only_in_training_mode_and_scores():
+  model = _model('reference', dropout_rate=0.5)
+  variables = {'params': _random_params(model)}
+  x = jnp.asarray(HISTORY)
+  eval_a = model.apply(variables, x, deterministic=True)
+  eval_b = jax.jit(lambda v, x: model.apply(v, x, deterministic=True))(variables, x)
+  np.testing.assert_allclose(eval_a, eval_b, atol=1e-6)
+  train = [model.apply(variables, x, deterministic=False, rngs={'dropout': jax.random.key(i)})
+           for i in range(2)]
+  assert np.abs(np.asarray(train[0] - train[1])).max() > 1e-3
+  scores = model.apply(variables, eval_a, method=SASRec.score)
+  table = variables['params']['item_embedding']['embedding'][:N]
+  assert scores.shape == (HISTORY.shape[0], N)
+  np.testing.assert_allclose(scores, np.asarray(eval_a) @ np.asarray(table).T, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_bad_configuration_raises():
+  x = jnp.asarray(HISTORY)
+  with pytest.raises(ValueError, match='block style'):
+    _model('transformer').init(jax.random.key(0), x, deterministic=True)
+  with pytest.raises(ValueError, match='divisible'):
+    _model('reference', num_heads=3).init(jax.random.key(0), x, deterministic=True)
+  with pytest.raises(ValueError, match='num_blocks'):
+    _model('standard', num_blocks=0).init(jax.random.key(0), x, deterministic=True)
+  with pytest.raises(ValueError, match=r'\[batch, 5\]'):
+    _model('reference').init(jax.random.key(0), x[:, 1:], deterministic=True)
