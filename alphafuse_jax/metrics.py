@@ -164,6 +164,27 @@ def user_group_ids(history: Array, pad_id: int, threshold: int) -> Array:
   return (lengths >= threshold).astype(jnp.int32)
 
 
+def summarize_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+  """Host-side means in float64 of HR@K, NDCG@K, MRR@K over gathered ranks, plus 'count'.
+
+  The same definitions as `ranking_metrics`, for when every example's rank is already on the host
+  (every entry of `ranks` counts once). An empty array gives NaN means and count 0.
+  """
+  ranks = np.asarray(ranks, np.float64).reshape(-1)
+  count = ranks.shape[0]
+
+  def mean(values: np.ndarray) -> float:
+    return float(np.sum(values) / count) if count else float('nan')
+
+  out = {'count': float(count)}
+  for k in ks:
+    hit = (ranks <= k).astype(np.float64)
+    out[f'HR@{k}'] = mean(hit)
+    out[f'NDCG@{k}'] = mean(hit / np.log2(ranks + 1.0))
+    out[f'MRR@{k}'] = mean(hit / ranks)
+  return out
+
+
 def finalize(sums: Mapping[str, float | Array]) -> dict[str, float]:
   """Divides accumulated sums by their count: {'HR@10': mean, ..., 'count': n}.
 

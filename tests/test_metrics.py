@@ -93,6 +93,11 @@ def test_ranking_metrics_hand_computed_and_masked_rows():
   assert means['NDCG@20'] == pytest.approx((1.5 + ndcg_12) / 4, rel=1e-6)
   assert means['MRR@5'] == pytest.approx((4 / 3) / 4, rel=1e-6)
   assert means['count'] == 4
+  # The host-side float64 summary of the four real ranks gives the same means.
+  host = metrics.summarize_ranks(np.array([1, 3, 12, 60]))
+  assert set(host) == set(means)
+  for key, value in expected.items():
+    assert host[key] == pytest.approx(value / 4 if key != 'count' else 4, rel=1e-12), key
 
 
 def test_accumulate_over_batches_counts_every_example_once():
