@@ -246,6 +246,21 @@ def read_recbole(source: str) -> RawInteractions:
 # Original GroupLens files.
 
 
+def read_grouplens_files(directory: str | os.PathLike[str]) -> list[pathlib.Path]:
+  """The two GroupLens files of ml-1m or ml-100k in `directory`, checked to exist."""
+  directory = pathlib.Path(directory)
+  if (directory / 'ratings.dat').is_file():
+    return [directory / 'ratings.dat', _require_file(
+        directory / 'movies.dat',
+        'MovieLens-1M needs movies.dat next to ratings.dat (the GroupLens zip).')]
+  if (directory / 'u.data').is_file():
+    return [directory / 'u.data', _require_file(
+        directory / 'u.item', 'MovieLens-100K needs u.item next to u.data (the GroupLens zip).')]
+  raise DataFileNotFoundError(
+      f'Neither {directory / "ratings.dat"} (MovieLens-1M) nor {directory / "u.data"} '
+      f'(MovieLens-100K) exists. Set config.data.path to the unzipped GroupLens directory.')
+
+
 def read_grouplens(directory: str | os.PathLike[str]) -> RawInteractions:
   """ml-1m (ratings.dat + movies.dat) or ml-100k (u.data + u.item) from a directory."""
   directory = pathlib.Path(directory)
@@ -316,6 +331,19 @@ def _column_index(head: list[str], name: str, path: pathlib.Path, option: str) -
     raise DataError(f'{path}, line 1: no column {name!r} in the header {head}. Set '
                     f'config.data.delimited.{option} to one of them.')
   return head.index(name)
+
+
+def delimited_files(options: Any, base_dir: str = '') -> list[pathlib.Path]:
+  """The interactions file and the optional item-text file, checked to exist."""
+  if not options.interactions_file:
+    raise DataError('config.data.delimited.interactions_file is empty; set it to the CSV/TSV '
+                    'of interactions (columns user, item, timestamp with a header row).')
+  files = [_require_file(_resolve(options.interactions_file, base_dir),
+                         'Set config.data.delimited.interactions_file (relative to data.path).')]
+  if options.item_text_file:
+    files.append(_require_file(_resolve(options.item_text_file, base_dir),
+                               'Fix config.data.delimited.item_text_file or set it to "".'))
+  return files
 
 
 def read_delimited(options: Any, base_dir: str = '') -> RawInteractions:

@@ -1,0 +1,35 @@
+"""Prepares the config's dataset and prints its split statistics as one JSON line.
+
+  python -m alphafuse_jax.data --config=configs/default.py [--config.data.source=ml-100k ...]
+
+Stdout carries exactly the JSON line; TFDS messages and logging go to stderr.
+"""
+
+import contextlib
+import json
+import sys
+
+from absl import app
+from ml_collections import config_flags
+import tensorflow_datasets as tfds
+
+from alphafuse_jax import data
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (its data section).',
+                                          lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None:
+    raise app.UsageError('Pass --config=configs/<name>.py')
+  tfds.disable_progress_bar()
+  # TFDS prints "Downloading and preparing ..." to stdout: keep stdout for the JSON line.
+  with contextlib.redirect_stdout(sys.stderr):
+    ds = data.load(_CONFIG.value.data)
+  print(json.dumps(ds.stats()), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
