@@ -190,7 +190,8 @@ class StandardBlock(nn.Module):
   pre_ln=False (post-LN, Vaswani et al.):
     x = LN1(x + Dropout(Attn(x))); x = LN2(x + Dropout(FFN(x)))
   FFN(x) = W2 Dropout(ReLU(W1 x + b1)) + b2 with hidden width h. Padding rows are zeroed after the
-  block so they never feed the next block's keys.
+  block so they never feed the next block's keys. Note: Kang's TF code (and pmixer's PyTorch port)
+  add the residual to the NORMALISED input instead; we follow the paper's formula.
   """
   num_heads: int = 1
   dropout_rate: float = 0.1
