@@ -31,9 +31,9 @@ NORMALIZE_EPS = 1e-12
 def sample_negatives(key: Array, targets: Array, num_items: int, num_negatives: int) -> Array:
   """Draws negatives uniformly from the N-1 items other than each target.
 
-  The reference draws from 0..N-1 and re-draws where a negative equals the target. We draw
-  r ~ U{0..N-2} and shift it past the target (r + [r >= target]): the same distribution, exact, and
-  with a static shape. Duplicates and history items are allowed, as in the reference.
+  The reference draws from 0..N-1 and re-draws (in a while loop) until no negative equals the
+  target, i.e. uniform over the other N-1 items. We draw r ~ U{0..N-2} and shift it past the target
+  (r + [r >= target]): the same distribution, exact, with a static shape and no loop. Duplicates and history items are allowed, as in the reference.
 
   Args:
     key: a jax.random key.
