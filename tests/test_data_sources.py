@@ -239,3 +239,10 @@ def test_authors_release_bad_ids(tmp_path):
     protocols.from_authors(release, max_len=3)
   with pytest.raises(FileNotFoundError, match='data_statis.df'):
     protocols.from_authors(tmp_path / 'missing', max_len=3)
+
+
+def test_non_integer_id_names_file_line_and_field(tmp_path):
+  directory = _fixture_copy(tmp_path, '11::ten::5::100')
+  with pytest.raises(data.DataError,
+                     match=r"ratings.dat, line 28: field 'MovieID' must be an integer id"):
+    sources.read_grouplens(directory)

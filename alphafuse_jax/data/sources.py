@@ -165,8 +165,9 @@ def _numeric(values: list[str], path: pathlib.Path, lines: list[int], field: str
     except ValueError:
       number = None
     if number is None or (dtype == np.float64 and not np.isfinite(number)):
-      raise DataError(f'{path}, line {line}: field {field!r} must be numeric, got {value!r}. '
-                      f'Fix that value (timestamps are seconds or any sortable number).')
+      kind = 'an integer id' if dtype == np.int64 else 'numeric'
+      raise DataError(f'{path}, line {line}: field {field!r} must be {kind}, got {value!r}. '
+                      'Fix that value (timestamps are seconds or any sortable number).')
   raise DataError(f'{path}: field {field!r} is not numeric.')  # Unreachable in practice.
 
 
