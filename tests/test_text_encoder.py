@@ -6,8 +6,11 @@ BERT written here for a tiny random model.
 
 import json
 import math
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -67,6 +70,33 @@ def test_batching_order_and_padding_do_not_change_outputs(encoder, golden):
   # The same text alone (padded to 16, one row) and in a batch of 5 (padded to 16) agree.
   alone = encoder.encode([texts[0]], show_progress=False)
   np.testing.assert_allclose(alone[0], reversed_out[-1], atol=1e-6)
+
+
+_TWO_DEVICE_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from alphafuse_jax.text.encoder import MiniLMEncoder
+encoder = MiniLMEncoder()
+texts = json.loads(sys.argv[1])
+out = encoder.encode(texts, show_progress=False)
+ids = jax.device_put(np.ones((4, 16), np.int32), encoder._row_sharding)
+shards = encoder._forward(encoder._params, ids, ids).addressable_shards
+print(json.dumps({'devices': len(encoder.devices), 'shards': [list(x.data.shape) for x in shards],
+                  'embeddings': out.tolist()}))
+"""
+
+
+def test_data_parallel_over_two_devices_matches_golden(golden):
+  """Rows split over 2 virtual CPU devices (3 texts padded to 4 rows) give the same vectors."""
+  texts, expected, _ = golden
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, json.dumps(texts[2:5])],
+                          env=env, capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).parents[1])
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['devices'] == 2 and report['shards'] == [[2, 384], [2, 384]]
+  np.testing.assert_allclose(np.array(report['embeddings']), expected[2:5], atol=1e-5)
 
 
 def test_bucket_lengths(encoder):
