@@ -242,3 +242,12 @@ def test_cli_prints_one_json_line(tmp_path):
       'train': {'users': 6, 'examples': 6}, 'val': {'users': 5, 'examples': 5},
       'test': {'users': 5, 'examples': 5}}}
   assert 'Preparing' in result.stderr or 'prepared' in result.stderr
+
+
+def test_cli_bad_input_exits_with_the_message(tmp_path):
+  command = [sys.executable, '-m', 'alphafuse_jax.data', '--config=configs/default.py',
+             '--config.data.source=grouplens', f'--config.data.path={tmp_path / "nowhere"}',
+             f'--config.data.data_dir={tmp_path / "cache"}']
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and result.stdout == ''
+  assert 'ratings.dat' in result.stderr and 'Set config.data.path' in result.stderr

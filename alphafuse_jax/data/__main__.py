@@ -5,7 +5,6 @@
 Stdout carries exactly the JSON line; TFDS messages and logging go to stderr.
 """
 
-import contextlib
 import json
 import sys
 
@@ -25,9 +24,10 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError('Pass --config=configs/<name>.py')
   tfds.disable_progress_bar()
-  # TFDS prints "Downloading and preparing ..." to stdout: keep stdout for the JSON line.
-  with contextlib.redirect_stdout(sys.stderr):
-    ds = data.load(_CONFIG.value.data)
+  try:
+    ds = data.load(_CONFIG.value.data)  # TFDS messages and logging go to stderr.
+  except (data.DataError, data.DataFileNotFoundError) as error:
+    sys.exit(f'alphafuse_jax.data: {error}')  # The message names the file and the fix.
   print(json.dumps(ds.stats()), flush=True)
 
 

@@ -21,12 +21,14 @@ the protocol settings and FORMAT_VERSION; touching a file without changing it ke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -190,8 +192,10 @@ def prepare(ds: protocols.PreparedDataset, data_dir: pathlib.Path, name: str) ->
     builder = AlphafuseSequences(prepared=ds, data_dir=str(scratch),
                                  config=tfds.core.BuilderConfig(name=name),
                                  file_format='array_record')
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    # TFDS prints its progress lines to stdout; keep stdout for the caller's own output.
+    with contextlib.redirect_stdout(sys.stderr):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
     built = pathlib.Path(str(builder.data_dir))
     _write_metadata(built, ds)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +205,7 @@ def prepare(ds: protocols.PreparedDataset, data_dir: pathlib.Path, name: str) ->
       if not (final / META_ARRAYS).is_file():
         raise
       logging.info('%s was prepared concurrently; keeping that copy.', final)
+    logging.info('Prepared %s', final)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return final
