@@ -177,6 +177,15 @@ def test_failed_preparation_leaves_no_partial_cache(fixture_config, monkeypatch,
   assert data.load(fixture_config).num_items == 6  # Then a clean preparation works.
 
 
+def test_foreign_directory_in_the_cache_is_reported(fixture_config):
+  prepared = tfds_builder.resolve_data_dir(fixture_config.data_dir) / tfds_builder.DATASET_NAME
+  data.load(fixture_config)
+  (final,) = prepared.glob('*/*')
+  (final / tfds_builder.META_ARRAYS).unlink()
+  with pytest.raises(data.DataError, match='lacks alphafuse_arrays.npz.*Delete that directory'):
+    data.load(fixture_config)
+
+
 def test_bad_input_fails_before_any_cache_is_written(fixture_config):
   with open(pathlib.Path(fixture_config.path) / 'ratings.dat', 'a') as f:
     f.write('9::40::5::noon\n')

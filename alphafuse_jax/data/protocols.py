@@ -46,7 +46,8 @@ class PreparedDataset:
     user_keys: user_id -> original user key.
     train_item_counts: int64 [N], interactions per item in the train split.
     splits: split -> {'user_id': int32 [n], 'position': int32 [n], 'history': int32 [n, L],
-      'target': int32 [n]}; position = index of the target in the user's full sequence.
+      'target': int32 [n]}; position = index of the target in the user's full sequence. Rows
+      are ordered by user_id, then position.
     user_sequences: (indptr int64 [U+1], items int32 [nnz]), every user's chronological items.
     description: where the data came from and how it was split.
   """
@@ -61,7 +62,11 @@ class PreparedDataset:
   description: str = ''
 
   def stats(self) -> dict[str, Any]:
-    """Split statistics as printed by `python -m alphafuse_jax.data`."""
+    """Split statistics as printed by `python -m alphafuse_jax.data`.
+
+    'users' counts the distinct users with at least one example in the split (a cold-start
+    train user with a single interaction has none).
+    """
     return {'num_items': int(self.num_items),
             'splits': {name: {'users': int(np.unique(split['user_id']).size),
                               'examples': int(split['target'].shape[0])}

@@ -242,6 +242,9 @@ def load(config: Any) -> protocols.PreparedDataset:
   name = config_name(config_settings, fingerprint(files, config_settings))
   data_dir = resolve_data_dir(config.data_dir)
   final = data_dir / DATASET_NAME / name / VERSION
+  if final.exists() and not (final / META_ARRAYS).is_file():
+    raise sources.DataError(f'{final} exists but lacks {META_ARRAYS}, so it was not written by '
+                            'this code (or was edited). Delete that directory to re-prepare.')
   if not (final / META_ARRAYS).is_file():
     logging.info('Preparing %s into %s', name, final)
     data_dir.mkdir(parents=True, exist_ok=True)
