@@ -14,14 +14,14 @@ Precision (u = unit roundoff: 2**-24 ~ 6e-8 in float32, 2**-53 ~ 1.1e-16 in floa
 - `jnp.linalg.eigh` is backward stable: every computed eigenvalue satisfies
   |lambda_hat_j - lambda_j| <= p(d) * u * lambda_max (Weyl), p(d) a modest polynomial; the
   *relative* error of lambda_j therefore grows like u * lambda_max / lambda_j.
-  Measured: the exact-zero eigenvalues of rank-deficient covariances come out at about
-  0.7 u * lambda_max in float32 (N <= 300, d <= 384).
 - Eigenvectors: the angle error of column j is about p(d) * u * lambda_max / gap_j
   (Davis-Kahan), where gap_j is the distance to the nearest other eigenvalue. Directions with
   (near-)degenerate eigenvalues are not individually determined (only their span is).
 In practice float64 gives eigenvalues to ~1e-12 relative and float32 to ~1e-5 relative for
-eigenvalues above ~1e-2 * lambda_max. Eigenvalues below `100 * u * lambda_max` cannot be told
-apart from zero: `project` refuses to whiten by them unless an explicit floor is given.
+eigenvalues above ~1e-2 * lambda_max. Exact zeros come out at about 1 * eps * lambda_max
+(measured 0.7-1.1 eps for d <= 1024, N <= 500, eps = 2u), so eigenvalues below
+`30 * eps * lambda_max` cannot be told apart from zero: `project` refuses to whiten by them unless
+an explicit floor is given (above it, eigenvalues are resolved to a few per cent or better).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ Array = jax.Array
 
 # Weighting variants for `fit_semantic_space(..., item_weights=p)`.
 WEIGHTINGS = ('weighted', 'authors')
-# `project` refuses eigenvalues below this many units of roundoff times the largest one.
-DEFAULT_RELATIVE_FLOOR_ULPS = 100.0
+# `project` refuses eigenvalues below this many machine epsilons times the largest one.
+DEFAULT_RELATIVE_FLOOR_EPS = 30.0
 
 
 class SemanticSpace(NamedTuple):
@@ -199,13 +199,14 @@ def null_space_dim(eigenvalues: Array | np.ndarray, null_dim: int | None = None,
 
 
 def relative_floor(dtype) -> float:
-  """Default smallest eigenvalue/lambda_max that `project` will whiten by: 100 units of roundoff.
+  """Default smallest eigenvalue / lambda_max that `project` whitens by: 30 machine epsilons.
 
-  Eigenvalues below this are indistinguishable from 0 at this precision (see module docstring),
-  and dividing by their square root would blow noise up by >= 1/sqrt(100 u) (x290 in float32,
-  x6.7e6 in float64).
+  That is 3.6e-6 in float32 and 6.7e-15 in float64. Computed zero eigenvalues sit near
+  1 eps * lambda_max (see module docstring), so this keeps a ~30x margin; whitening by such a
+  noise eigenvalue would blow its direction up by ~1/sqrt(eps) (x2900 in float32, x6.7e7 in
+  float64).
   """
-  return DEFAULT_RELATIVE_FLOOR_ULPS * float(jnp.finfo(dtype).eps)
+  return DEFAULT_RELATIVE_FLOOR_EPS * float(jnp.finfo(dtype).eps)
 
 
 @jax.jit
@@ -225,7 +226,7 @@ def whitening_scale(space: SemanticSpace, dim: int, *, eigenvalue_floor: float |
     eigenvalue_floor: if given (> 0, absolute, in eigenvalue units), eigenvalues are clamped to
       max(lambda_j, eigenvalue_floor) and nothing is refused.
     min_relative_eigenvalue: refusal threshold relative to lambda_max when no floor is given;
-      default `relative_floor(dtype)` = 100 units of roundoff of the space's dtype.
+      default `relative_floor(dtype)` = 30 machine epsilons of the space's dtype.
 
   Returns:
     [dim] scale factors.
