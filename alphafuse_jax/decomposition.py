@@ -246,13 +246,17 @@ def whitening_scale(space: SemanticSpace, dim: int, *, eigenvalue_floor: float |
     bad = np.nonzero(top < rel * largest)[0]
     if bad.size:
       first = int(bad[0])
+      in_float64 = space.eigenvalues.dtype == np.float64
       raise ValueError(
           f'Refusing to whiten: {bad.size} of the top {dim} eigenvalues are below '
           f'{rel:.3g} * lambda_max = {rel * largest:.3g} (first: lambda_{first} = '
           f'{top[first]:.3g}, lambda_max = {largest:.6g}), i.e. numerically zero at '
           f'{space.eigenvalues.dtype} precision; dividing by their square root would amplify '
-          f'noise. Keep at most {first} directions (hidden_dim), compute in float64, or pass an '
-          'explicit eigenvalue_floor (config.embedding.eigenvalue_floor) to clamp them.')
+          f'noise. Keep at most {first} directions'
+          + ('' if in_float64 else ', compute in float64 (jax.enable_x64)')
+          + ', or pass an explicit eigenvalue_floor (config.embedding.eigenvalue_floor) to clamp '
+          f'them, e.g. 1e-6 * lambda_max = {1e-6 * largest:.3g}, which leaves those directions '
+          'near zero instead of blowing their noise up to unit variance.')
   return jnp.asarray(1.0 / np.sqrt(top), dtype=space.eigenvalues.dtype)
 
 

@@ -61,6 +61,11 @@ class FrozenTable:
     self.padded = table
 
   @property
+  def values(self) -> np.ndarray:
+    """The N real rows [N, d] (a view, no copy)."""
+    return self.padded[:-1]
+
+  @property
   def num_items(self) -> int:
     return self.padded.shape[0] - 1
 

@@ -286,7 +286,10 @@ def test_full_whitening_refused_on_rank_deficient_embeddings_unless_floored():
                               item_counts=None)
     module = emb.make_item_embedding(config(pipeline, eigenvalue_floor=1e-3, **extra),
                                      num_items=N, language_embeddings=x, item_counts=None)
-    assert np.all(np.isfinite(np.asarray(module.language_table.padded)))
+    table = module.language_table.values
+    assert table.shape == (N, 48) and np.all(np.isfinite(table))
+    # Clamped near-null directions stay near zero instead of being blown up to unit variance.
+    assert np.max(np.abs(table[:, 39:])) < 1e-3 and np.allclose(np.var(table[:, :39], 0, ddof=1), 1)
 
 
 # ---- factory errors ----------------------------------------------------------------------------
