@@ -110,8 +110,8 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def fit_semantic_space(embeddings: Array | np.ndarray, item_weights: Array | np.ndarray | None = None,
-                       *, weighting: str = 'weighted') -> SemanticSpace:
+def fit_semantic_space(embeddings: Array | np.ndarray,
+                       item_weights: Array | np.ndarray | None = None, *, weighting: str = 'weighted') -> SemanticSpace:
   """Mean and eigen-decomposition of the covariance of language embeddings.
 
   Args:
@@ -260,8 +260,8 @@ def whitening_scale(space: SemanticSpace, dim: int, *, eigenvalue_floor: float |
   return jnp.asarray(1.0 / np.sqrt(top), dtype=space.eigenvalues.dtype)
 
 
-def project(embeddings: Array | np.ndarray, space: SemanticSpace, dim: int, standardize: bool = True,
-            *, eigenvalue_floor: float | None = None,
+def project(embeddings: Array | np.ndarray, space: SemanticSpace, dim: int,
+            standardize: bool = True, *, eigenvalue_floor: float | None = None,
             min_relative_eigenvalue: float | None = None) -> Array:
   """Projects embeddings on the top `dim` eigen-directions: (X - mu) U_k [diag(lambda_k)^-1/2].
 

@@ -107,7 +107,8 @@ def sparse_init(sparsity: float = 0.01, std: float = 1.0) -> Callable[..., Array
     num_zeros = int(math.ceil(sparsity * rows))
     # Per column: a random permutation of the rows, its first num_zeros entries zeroed.
     ranks = jax.vmap(lambda k: jax.random.permutation(k, rows))(jax.random.split(perm_key, cols))
-    zero = jnp.zeros((cols, rows), bool).at[jnp.arange(cols)[:, None], ranks[:, :num_zeros]].set(True)
+    zero = jnp.zeros((cols, rows), bool)
+    zero = zero.at[jnp.arange(cols)[:, None], ranks[:, :num_zeros]].set(True)
     return jnp.where(zero.T, jnp.zeros((), dtype), values)
   return init
 
@@ -652,7 +653,8 @@ def make_item_embedding(config_embedding: Any, *, num_items: int,
   cfg = config_embedding
   pipeline = cfg.pipeline
   if pipeline not in PIPELINES:
-    raise ValueError(f'Unknown config.embedding.pipeline={pipeline!r}; valid: {", ".join(PIPELINES)}.')
+    raise ValueError(f'Unknown config.embedding.pipeline={pipeline!r}; '
+                     f'valid: {", ".join(PIPELINES)}.')
   num_items = _check_int('num_items', num_items)
   hidden = _check_int('hidden_dim', cfg.hidden_dim)
   id_init = _get(cfg, 'id_init', 'normal')
@@ -673,7 +675,8 @@ def make_item_embedding(config_embedding: Any, *, num_items: int,
                      'd_l], row i = item i.')
   if not np.all(np.isfinite(x)):
     bad = int(np.nonzero(~np.all(np.isfinite(x), axis=1))[0][0])
-    raise ValueError(f'language_embeddings row {bad} contains NaN or inf; re-encode the item texts.')
+    raise ValueError(f'language_embeddings row {bad} contains NaN or inf; re-encode the item '
+                     'texts.')
   d_l = x.shape[1]
   standardize = bool(_get(cfg, 'standardize', True))
   floor = cfg.get('eigenvalue_floor', None) if hasattr(cfg, 'get') else None
@@ -698,7 +701,7 @@ def make_item_embedding(config_embedding: Any, *, num_items: int,
     return table
 
   def whitened_full() -> np.ndarray:
-    """WAP: full-dimension whitening, uniform weights and standardisation forced as in the reference."""
+    """WAP: full-dimension whitening; uniform weights and standardisation forced (reference)."""
     table, _ = semantic_table(x, dim=None, standardize=True, eigenvalue_floor=floor)
     return table
 

@@ -25,10 +25,12 @@ import numpy as np
 
 from alphafuse_jax import decomposition
 
-_EMBEDDINGS = flags.DEFINE_string('embeddings', None, 'Item vectors: .npy, .npz or <name>_emb.pickle.')
+_EMBEDDINGS = flags.DEFINE_string('embeddings', None,
+                                  'Item vectors: .npy, .npz or <name>_emb.pickle.')
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Directory for spectrum.png and spectrum.json.')
 _HIDDEN_DIM = flags.DEFINE_integer('hidden_dim', 128, 'Kept directions k (capped at d).')
-_NULL_DIM = flags.DEFINE_integer('null_dim', 64, 'Nullity n (ignored when --null_threshold is set).')
+_NULL_DIM = flags.DEFINE_integer('null_dim', 64,
+                                 'Nullity n (ignored when --null_threshold is set).')
 _NULL_THRESHOLD = flags.DEFINE_float('null_threshold', None,
                                      'Nullity = #eigenvalues <= this (wins over --null_dim).')
 _SCALE = flags.DEFINE_float('scale', 40.0, 'Multiply the vectors by this first (reference: 40).')
@@ -163,7 +165,8 @@ def main(argv: Sequence[str]) -> None:
                null_dim=_NULL_DIM.value, null_threshold=_NULL_THRESHOLD.value,
                scale=_SCALE.value, item_counts_path=_ITEM_COUNTS.value, weighting=_WEIGHTING.value)
   print(f'N={report["num_items"]} d={report["dim"]} kept={report["kept_dim"]} '
-        f'nullity={report["nullity"]} explained variance kept={report["explained_variance_kept"]:.4f} '
+        f'nullity={report["nullity"]} '
+        f'explained variance kept={report["explained_variance_kept"]:.4f} '
         f'below whitening floor={report["num_below_whitening_floor"]} -> {_OUT_DIR.value}')
 
 

@@ -182,8 +182,8 @@ def test_whitenrec():
   p = variables['params']['adapter']
   table = check_interface(module, variables, ids)
   whitened = oracle_projection(x, D_L)  # Full d_l whitening (WAP).
-  np.testing.assert_allclose(table, gelu(whitened @ np.asarray(p['kernel'], np.float64) + p['bias']),
-                             rtol=1e-4, atol=1e-4)
+  expected = gelu(whitened @ np.asarray(p['kernel'], np.float64) + p['bias'])
+  np.testing.assert_allclose(table, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_unisrec():
