@@ -23,6 +23,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
+  # Orbax logs every save at INFO; keep the console for our progress unless asked (--verbosity=0).
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
   dist = config.get('distributed')
   import jax  # After flags: XLA_FLAGS must be set before JAX starts its backends.
   if dist is not None and dist.enabled:

@@ -107,5 +107,8 @@ class DataParallel:
     spec = lambda kind: P() if kind == 'replicated' else P(AXIS)
     in_specs = tuple(spec(k) for k in in_kinds)
     out_specs = jax.tree.map(spec, out_kinds)
-    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+    # check_vma=False gives pmap semantics: gradients of replicated inputs stay per-device
+    # (no implicit psum), so the step's explicit pmean is the one reduction in both modes.
+    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                           check_vma=False)
     return jax.jit(mapped, donate_argnums=tuple(donate_argnums))

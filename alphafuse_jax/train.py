@@ -37,7 +37,7 @@ from alphafuse_jax import parallel
 from alphafuse_jax.models import sasrec as sasrec_lib
 
 LOSSES = ('infonce', 'bce', 'ce')
-OPTIMIZERS = ('adam_l2', 'adamw')
+OPTIMIZERS = ('adam_l2', 'adamw', 'sgd')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,7 +95,12 @@ def load_language_embeddings(config: ml_collections.ConfigDict,
   if config.text.encoder == 'file':
     vectors = text_lib.load_embeddings(config.text.embeddings_file, num_items=dataset.num_items)
   elif config.text.encoder == 'minilm':
-    cache_dir = os.path.join(data_lib.data_root(config.data), 'embeddings', dataset.name)
+    if config.data.source == 'authors':
+      raise ValueError("the authors' release has no item texts: set --config.text.encoder=file "
+                       '--config.text.embeddings_file=<dir>/<name>_emb.pickle.')
+    # The cache is keyed on a hash of the texts, so protocols of one source share it.
+    cache_dir = os.path.join(data_lib.resolve_data_dir(config.data.data_dir), 'embeddings',
+                             config.data.source)
     vectors = text_lib.embed_items(dataset.item_fields, template=config.text.template,
                                    cache_dir=cache_dir, batch_size=config.text.batch_size)
   else:
@@ -118,11 +123,13 @@ def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDat
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with coupled L2 (the reference's torch Adam weight_decay) or AdamW."""
+  """Adam with coupled L2 (the reference's torch Adam weight_decay), AdamW, or plain SGD + L2."""
   t = config.train
   if t.optimizer == 'adam_l2':
     return optax.chain(optax.add_decayed_weights(t.l2), optax.scale_by_adam(eps=1e-8),
                        optax.scale(-t.learning_rate))
+  if t.optimizer == 'sgd':
+    return optax.chain(optax.add_decayed_weights(t.l2), optax.scale(-t.learning_rate))
   return optax.adamw(t.learning_rate, eps=1e-8, weight_decay=t.l2)
 
 
@@ -136,7 +143,7 @@ def _init_all(module: sasrec_lib.SASRec, history: jax.Array) -> Any:
   """Touches every submodule so `init` creates all parameters (scoring and auxiliary heads too)."""
   states = module(history, deterministic=True)
   module.score(states)
-  return module.item_embedding.auxiliary_loss(deterministic=True)
+  return module.auxiliary_loss(deterministic=True)
 
 
 def create_train_state(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
@@ -176,30 +183,36 @@ def make_train_step(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
     model_keys, negative_keys = model_keys[:, 0], negative_keys[:, 0]
     mask = batch['mask']
     if per_position:
-      targets, weights = losses_lib.next_item_targets(batch['history'], batch['target'], num_items)
-      weights = weights * mask[:, None]
+      targets, valid = losses_lib.positional_targets(batch['history'], batch['target'], num_items)
+      weights = valid.astype(jnp.float32) * mask[:, None]
     else:
       targets, weights = batch['target'], mask.astype(jnp.float32)
+    # Rows that do not count (padding of the last batch) point at item 0 so all values stay finite.
+    targets = jnp.where(weights > 0, targets, 0)
     # Examples (or positions) counted over all devices: the loss is their global mean.
     global_count = jnp.maximum(jax.lax.psum(jnp.sum(weights), parallel.AXIS), 1.0)
     num_devices = jax.lax.psum(1, parallel.AXIS)
+
+    def row_loss(states, row_targets, key, table):
+      return losses_lib.per_example_loss(
+          t.loss, states, row_targets, table, num_items=num_items, key=key,
+          num_negatives=t.num_negatives, temperature=t.temperature)
 
     def loss_fn(params):
       table = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
                           method=sasrec_lib.SASRec.item_table)
       states = jax.vmap(per_example, (None, 0, 0))(params, batch['history'], model_keys)
-      per_row = losses_lib.per_example_loss(
-          t.loss, states, targets, table, keys=negative_keys, num_negatives=t.num_negatives,
-          temperature=t.temperature)
-      local = jnp.sum(per_row * weights) / global_count * num_devices
+      # Negatives are drawn per row from the row's own key (device-split invariant).
+      per_row = jax.vmap(row_loss, (0, 0, 0, None))(states, targets, negative_keys, table)
+      main = jnp.sum(per_row * weights) / global_count * num_devices
       aux = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
-                        method=lambda m, **kw: m.item_embedding.auxiliary_loss(**kw))
-      return local + config.embedding.get('aux_weight', 0.1) * aux, (local, aux)
+                        method=sasrec_lib.SASRec.auxiliary_loss)
+      return main + config.embedding.aux_weight * aux, (main, aux)
 
     (loss, (main_loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, parallel.AXIS)
     loss = jax.lax.pmean(loss, parallel.AXIS)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     new_state = state.apply_gradients(grads=grads)
     return new_state, {'loss': loss, 'grad_norm': grad_norm}
 
@@ -383,8 +396,12 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains with early stopping on val NDCG@20, resumes from `workdir`, tests the best params."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """Trains with early stopping on val NDCG@20, resumes from `workdir`, tests the best params.
+
+  Returns the results (also written to `workdir/results.json`), or None when
+  `config.train.stop_after_steps` stopped the run early.
+  """
   wall_start = time.perf_counter()
   workdir = check_workdir(workdir)
   dp = parallel.DataParallel(config.parallelism)
@@ -455,8 +472,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if every and step % every == 0 and step % steps_per_epoch:
         ckpt.save_latest(step, dp.unreplicate(rstate), progress)
       if stop_after and step >= stop_after:
+        # Tests: stop here as a preempted job would after its last checkpoint.
+        ckpt.save_latest(step, dp.unreplicate(rstate), progress)
         ckpt.close()
-        raise KeyboardInterrupt(f'stopped after step {step} (config.train.stop_after_steps)')
+        logging.info('stopping after step %d (config.train.stop_after_steps)', step)
+        return None
     state_host = dp.unreplicate(rstate)
     state = state_host
     val = val_eval.evaluate(rstate.params)

@@ -94,10 +94,25 @@ def get_config() -> config_dict.ConfigDict:
   config.embedding.cover = False
   # Whiten kept directions (divide by sqrt(eigenvalue)).
   config.embedding.standardize = True
-  # ID table init: 'zeros', 'normal', 'uniform', 'xavier', 'orthogonal'.
+  # ID table init: 'zeros', 'normal', 'uniform', 'xavier', 'orthogonal', 'sparse'. Zeros suits
+  # AlphaFuse (the ID starts as a no-op on the language table); a pure ID table needs 'normal'.
   config.embedding.id_init = 'zeros'
   # Weight the mean/covariance by train item popularity.
   config.embedding.item_frequency_weighting = False
+  # With item_frequency_weighting: 'weighted' (the true weighted covariance) or 'authors'
+  # (np.cov of sqrt(p)-scaled rows, about 1/(N-1) of it; reference-spec 2.1).
+  config.embedding.frequency_weighting = 'weighted'
+  # Clamp whitening eigenvalues to at least this (absolute); None refuses numerically-zero ones.
+  config.embedding.eigenvalue_floor = config_dict.placeholder(float)
+  # Weight (beta) of the RLMRec / LLM-ESR auxiliary losses.
+  config.embedding.aux_weight = 0.1
+  # RLMRec reconstruction direction: 'con' (language -> ID, reference default) or 'gen'.
+  config.embedding.rlmrec_alignment = 'con'
+  # LLM-ESR adapter middle width; None = d_l // 2 (the reference SASRec's).
+  config.embedding.adapter_hidden_dim = config_dict.placeholder(int)
+  # UniSRec MoE adaptor: number of experts and the expert input dropout.
+  config.embedding.unisrec_num_experts = 8
+  config.embedding.unisrec_dropout = 0.2
 
   # The sequence model.
   config.model = config_dict.ConfigDict()
@@ -120,7 +135,7 @@ def get_config() -> config_dict.ConfigDict:
   config.train.learning_rate = 1e-3
   # Coupled L2 added to the gradient before Adam (the reference's torch Adam weight_decay).
   config.train.l2 = 1e-6
-  # 'adam_l2' (reference) or 'adamw'.
+  # 'adam_l2' (reference), 'adamw', or 'sgd' (+ coupled L2).
   config.train.optimizer = 'adam_l2'
   # Global batch size (split across devices).
   config.train.batch_size = 256
