@@ -85,6 +85,19 @@ def ce_per_example(states: Array, item_table: Array, targets: Array) -> Array:
   return softmax_cross_entropy(jnp.matmul(states, item_table.T), targets)
 
 
+def bce_from_logits(pos_logits: Array, neg_logits: Array) -> Array:
+  """softplus(-pos) + mean_k softplus(neg_k): pos [...], neg [..., K] -> [...]."""
+  return jax.nn.softplus(-pos_logits) + jnp.mean(jax.nn.softplus(neg_logits), axis=-1)
+
+
+def infonce_from_cosines(pos_cos: Array, neg_cos: Array, temperature: float) -> Array:
+  """CE with label 0 over [pos, neg_1..K] / temperature: pos [...], neg [..., K] -> [...]."""
+  if temperature <= 0:
+    raise ValueError(f'config.train.temperature must be > 0, got {temperature}.')
+  logits = jnp.concatenate([pos_cos[..., None], neg_cos], axis=-1) / temperature
+  return softmax_cross_entropy(logits, jnp.zeros(logits.shape[:-1], jnp.int32))
+
+
 def bce_per_example(states: Array, positive: Array, negatives: Array) -> Array:
   """BCE-with-logits: softplus(-<s, e+>) + mean_k softplus(<s, e-_k>).
 
@@ -98,7 +111,7 @@ def bce_per_example(states: Array, positive: Array, negatives: Array) -> Array:
   """
   pos_logits = jnp.sum(states * positive, axis=-1)
   neg_logits = jnp.einsum('...h,...kh->...k', states, negatives)
-  return jax.nn.softplus(-pos_logits) + jnp.mean(jax.nn.softplus(neg_logits), axis=-1)
+  return bce_from_logits(pos_logits, neg_logits)
 
 
 def infonce_per_example(states: Array, positive: Array, negatives: Array,
@@ -110,13 +123,34 @@ def infonce_per_example(states: Array, positive: Array, negatives: Array,
   Returns:
     [...].
   """
-  if temperature <= 0:
-    raise ValueError(f'config.train.temperature must be > 0, got {temperature}.')
   s = l2_normalize(states)
-  pos = jnp.sum(s * l2_normalize(positive), axis=-1, keepdims=True)
+  pos = jnp.sum(s * l2_normalize(positive), axis=-1)
   neg = jnp.einsum('...h,...kh->...k', s, l2_normalize(negatives))
-  logits = jnp.concatenate([pos, neg], axis=-1) / temperature
-  return softmax_cross_entropy(logits, jnp.zeros(logits.shape[:-1], jnp.int32))
+  return infonce_from_cosines(pos, neg, temperature)
+
+
+def sampled_loss_dense(kind: str, states: Array, targets: Array, negatives: Array,
+                       item_table: Array, temperature: float = 0.07) -> Array:
+  """The 'bce' / 'infonce' loss from scores against the whole table, then picked at the ids.
+
+  Same values as gathering the K+1 embeddings per row, but the backward pass is a dense matmul
+  plus a scatter of B*(K+1) scalars instead of B*(K+1) embedding rows: several times faster on
+  CPU for catalogues up to ~1e5 items. Memory is O(B*N) rather than O(B*K*h).
+
+  Args:
+    states: [..., h]; targets: int [...]; negatives: int [..., K]; item_table: [N, h].
+  Returns:
+    [...].
+  """
+  ids = jnp.concatenate([targets[..., None], negatives], axis=-1)
+  if kind == 'infonce':
+    scores = jnp.matmul(l2_normalize(states), l2_normalize(item_table).T)
+  else:
+    scores = jnp.matmul(states, item_table.T)
+  picked = jnp.take_along_axis(scores, ids, axis=-1)
+  if kind == 'infonce':
+    return infonce_from_cosines(picked[..., 0], picked[..., 1:], temperature)
+  return bce_from_logits(picked[..., 0], picked[..., 1:])
 
 
 def _lookup(item_embeddings: ItemEmbeddings, ids: Array) -> Array:
@@ -141,7 +175,7 @@ def _real_item_table(item_embeddings: ItemEmbeddings, num_items: int) -> Array:
 
 def per_example_loss(kind: str, states: Array, targets: Array, item_embeddings: ItemEmbeddings, *,
                      num_items: int, key: Array | None = None, num_negatives: int = 1,
-                     temperature: float = 0.07) -> Array:
+                     temperature: float = 0.07, dense: bool = False) -> Array:
   """Per-example loss [...] for states [..., h] and targets int [...].
 
   Args:
@@ -151,6 +185,7 @@ def per_example_loss(kind: str, states: Array, targets: Array, item_embeddings: 
     key: random key for the negatives ('bce' and 'infonce').
     num_negatives: K negatives per example.
     temperature: InfoNCE temperature tau.
+    dense: score the sampled items through the whole table (`sampled_loss_dense`); needs a table.
   """
   if kind == 'ce':
     return ce_per_example(states, _real_item_table(item_embeddings, num_items), targets)
@@ -159,6 +194,9 @@ def per_example_loss(kind: str, states: Array, targets: Array, item_embeddings: 
   if key is None:
     raise ValueError(f'The {kind!r} loss samples negatives and needs a random key.')
   negatives = sample_negatives(key, targets, num_items, num_negatives)
+  if dense:
+    return sampled_loss_dense(kind, states, targets, negatives,
+                              _real_item_table(item_embeddings, num_items), temperature)
   positive = _lookup(item_embeddings, targets)
   negative = _lookup(item_embeddings, negatives)
   if kind == 'bce':

@@ -63,6 +63,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
           f'(set --config.{name}={max(num_devices, batch // num_devices * num_devices)}).')
   if t.num_epochs < 1:
     raise ValueError(f'config.train.num_epochs={t.num_epochs} must be >= 1.')
+  if t.negative_scoring not in ('dense', 'gather'):
+    raise ValueError(f"config.train.negative_scoring={t.negative_scoring!r} is not 'dense' or "
+                     "'gather'.")
   if t.loss != 'ce' and t.num_negatives < 1:
     raise ValueError(f'config.train.num_negatives={t.num_negatives} must be >= 1 for {t.loss}.')
   if not t.learning_rate > 0:
@@ -196,7 +199,8 @@ def make_train_step(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
     def row_loss(states, row_targets, key, table):
       return losses_lib.per_example_loss(
           t.loss, states, row_targets, table, num_items=num_items, key=key,
-          num_negatives=t.num_negatives, temperature=t.temperature)
+          num_negatives=t.num_negatives, temperature=t.temperature,
+          dense=t.negative_scoring == 'dense')
 
     def loss_fn(params):
       table = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
@@ -448,6 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_step=start_step)
     bar = tqdm.tqdm(batches, total=steps_per_epoch, initial=start_step,
                     desc=f'epoch {epoch + 1}/{config.train.num_epochs}', leave=False,
+                    mininterval=1.0,
                     disable=jax.process_index() != 0 or not config.get('progress_bar', True))
     epoch_loss, epoch_steps = 0.0, 0
     for batch in bar:
@@ -468,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'config.train.learning_rate or check the embeddings for NaN/inf.')
       epoch_loss += loss
       epoch_steps += 1
-      bar.set_postfix(loss=f'{loss:.4f}')
+      bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
       if every and step % every == 0 and step % steps_per_epoch:
         ckpt.save_latest(step, dp.unreplicate(rstate), progress)
       if stop_after and step >= stop_after:

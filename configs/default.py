@@ -132,6 +132,9 @@ def get_config() -> config_dict.ConfigDict:
   config.train.loss = 'infonce'
   config.train.num_negatives = 64
   config.train.temperature = 0.07
+  # How sampled negatives are scored: 'dense' (scores against all N items, then picked: fast up
+  # to ~1e5 items) or 'gather' (embeds only the sampled items: for very large catalogues).
+  config.train.negative_scoring = 'dense'
   config.train.learning_rate = 1e-3
   # Coupled L2 added to the gradient before Adam (the reference's torch Adam weight_decay).
   config.train.l2 = 1e-6

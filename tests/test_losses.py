@@ -186,3 +186,21 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match='temperature'):
     losses.loss('infonce', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
                 num_items=N, key=jax.random.key(0), temperature=0.0)
+
+
+@pytest.mark.parametrize('kind', ['bce', 'infonce'])
+def test_dense_scoring_equals_gathered_embeddings(kind):
+  """Scores against the whole table, then picked, give the gathered path's loss and gradients."""
+  rng = np.random.default_rng(7)
+  states = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(11, 5)), jnp.float32)
+  targets = jnp.asarray([0, 3, 10, 4, 4, 7], jnp.int32)
+  key = jax.random.key(3)
+
+  def total(table, dense):
+    return jnp.sum(losses.per_example_loss(kind, states, targets, table, num_items=11, key=key,
+                                           num_negatives=4, temperature=0.5, dense=dense))
+
+  np.testing.assert_allclose(total(table, True), total(table, False), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(total)(table, True), jax.grad(total)(table, False),
+                             rtol=1e-4, atol=1e-6)
