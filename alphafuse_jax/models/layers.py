@@ -117,13 +117,28 @@ class ReferenceAttention(nn.Module):
 
   @nn.compact
   def __call__(self, queries: Array, keys: Array, pad_mask: Array, *,
-               deterministic: bool) -> Array:
-    """queries, keys: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h]."""
+               deterministic: bool, query_positions: Array | None = None) -> Array:
+    """Attention of queries over keys.
+
+    Args:
+      queries: [batch, seq_len, h], or [batch, 1, h] with `query_positions`.
+      keys: [batch, seq_len, h]; pad_mask: bool [batch, seq_len].
+      query_positions: None (queries at every position), or int [batch]: the single position
+        each row's one query sits at (its causal mask row).
+    Returns:
+      [batch, queries' length, h].
+    """
     hidden = queries.shape[-1]
     q = _split_heads(TorchDense(hidden, name='query')(queries), self.num_heads)
     k = _split_heads(TorchDense(hidden, name='key')(keys), self.num_heads)
     v = _split_heads(TorchDense(hidden, name='value')(keys), self.num_heads)
-    out = masked_softmax_attention(q, k, v, attention_mask(pad_mask), 1.0 / math.sqrt(hidden),
+    if query_positions is None:
+      mask = attention_mask(pad_mask)
+    else:
+      seq_len = pad_mask.shape[-1]
+      causal = jnp.arange(seq_len)[None, :] <= query_positions[:, None]
+      mask = (causal & ~pad_mask)[:, None, None, :]
+    out = masked_softmax_attention(q, k, v, mask, 1.0 / math.sqrt(hidden),
                                    nn.Dropout(self.dropout_rate), deterministic)
     return _merge_heads(out) + queries
 
@@ -153,12 +168,27 @@ class ReferenceBlock(nn.Module):
   dropout_rate: float = 0.1
 
   @nn.compact
-  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool) -> Array:
-    """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h]."""
+  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool,
+               query_positions: Array | None = None) -> Array:
+    """The block at every position, or only at `query_positions`.
+
+    Args:
+      x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len].
+      query_positions: None, or int [batch]: compute each row's output at that one position only.
+        Keys and values still come from every position, so the result equals the full block's
+        output there, at about half the FLOPs for the user state SASRec scores with.
+    Returns:
+      [batch, seq_len, h], or [batch, 1, h] with `query_positions`.
+    """
     keep = (~pad_mask)[..., None].astype(x.dtype)
-    q = layer_norm(name='ln_1')(x)
+    if query_positions is not None:
+      x_query = jnp.take_along_axis(x, query_positions[:, None, None], axis=1)
+      keep = jnp.take_along_axis(keep, query_positions[:, None, None], axis=1)
+    else:
+      x_query = x
+    q = layer_norm(name='ln_1')(x_query)
     a = ReferenceAttention(self.num_heads, self.dropout_rate, name='attention')(
-        q, x, pad_mask, deterministic=deterministic)
+        q, x, pad_mask, deterministic=deterministic, query_positions=query_positions)
     f = ReferenceFeedForward(self.dropout_rate, name='feed_forward')(
         layer_norm(name='ln_2')(a), deterministic=deterministic)
     return layer_norm(name='ln_3')(f * keep)
