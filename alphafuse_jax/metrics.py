@@ -208,3 +208,146 @@ def accumulate(total: dict[str, float] | None, batch_sums: Mapping[str, Array]) 
   for key, value in batch_sums.items():
     total[key] = total.get(key, 0.0) + float(np.asarray(value, np.float64))
   return total
+
+
+# ---- full ranking over item chunks (bounded memory) -------------------------------------------
+def _chunked_table(item_table: Array, chunk_size: int) -> tuple[Array, Array]:
+  """[N, h] -> zero-padded [num_chunks, chunk_size, h] and each chunk's first item id [chunks]."""
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size={chunk_size} must be >= 1.')
+  num_items, dim = item_table.shape
+  num_chunks = -(-num_items // chunk_size)
+  padded = jnp.pad(item_table, ((0, num_chunks * chunk_size - num_items), (0, 0)))
+  starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
+  return padded.reshape(num_chunks, chunk_size, dim), starts
+
+
+def _chunk_exclusion(exclude: Array | None, targets: Array, num_items: int, chunk_size: int):
+  """Normalises `exclude` (see target_ranks) into what one chunk needs to mask its scores.
+
+  Returns (kind, data): ('none', None); ('list', int32 [B, S] ids with invalid entries and the
+  target sent to -1); or ('mask', bool [B, num_chunks * chunk_size]) with each row's target
+  cleared and False padding (so no chunk's slice is clamped).
+  """
+  batch = targets.shape[0]
+  if exclude is None:
+    return 'none', None
+  if exclude.dtype == jnp.bool_:
+    if exclude.shape != (batch, num_items):
+      raise ValueError(f'Boolean exclude mask has shape {exclude.shape}; expected '
+                       f'{(batch, num_items)}.')
+    keep_target = jnp.arange(num_items)[None, :] == targets[:, None]
+    padding = -(-num_items // chunk_size) * chunk_size - num_items
+    return 'mask', jnp.pad(exclude & ~keep_target, ((0, 0), (0, padding)))
+  if exclude.ndim != 2 or exclude.shape[0] != batch:
+    raise ValueError(f'Exclude index list has shape {exclude.shape}; expected [{batch}, S].')
+  exclude = exclude.astype(jnp.int32)
+  valid = (exclude >= 0) & (exclude < num_items) & (exclude != targets[:, None])
+  return 'list', jnp.where(valid, exclude, -1)
+
+
+def _mask_chunk(scores: Array, start: Array, kind: str, data: Array | None) -> Array:
+  """Sets the excluded items of one chunk's scores [B, C] (first id `start`) to -inf."""
+  batch, chunk = scores.shape
+  if kind == 'list':
+    local = data - start
+    local = jnp.where((data >= 0) & (local >= 0) & (local < chunk), local, chunk)  # C: dropped.
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], local.shape)
+    return scores.at[rows, local].set(-jnp.inf, mode='drop')
+  if kind == 'mask':
+    mask = jax.lax.dynamic_slice_in_dim(data, start, chunk, axis=1)
+    return jnp.where(mask, -jnp.inf, scores)
+  return scores
+
+
+def target_ranks_chunked(states: Array, item_table: Array, targets: Array,
+                         exclude: Array | None = None, *, chunk_size: int,
+                         ties: str = 'optimistic') -> Array:
+  """`target_ranks(states @ item_table.T, targets, exclude, ties)` without the [B, N] scores.
+
+  Scans over the catalogue in chunks of `chunk_size` items, so at most O(B * chunk_size) scores
+  (plus O(B * S) exclusion indices) are alive at once, instead of O(B * N): with B = 1024 and
+  N = 10^6 that is 4 GB of float32 scores unchunked, 16 MB with chunk_size = 4096. The table is
+  zero-padded to a multiple of the chunk size; padding rows never count.
+
+  The target's score is computed once as <s, e_target>. Its own column is never compared with
+  it, so float rounding cannot make the target outrank itself. The result equals `target_ranks`
+  on the unchunked scores exactly whenever the scores are exactly representable (as in the
+  tests); with general floats, a different matmul blocking can move an item whose score is
+  within rounding (~1 ulp) of the target's to the other side.
+
+  Args:
+    states: [B, h] user states.
+    item_table: [N, h] item embeddings (scores are dot products).
+    targets: int [B] target ids in 0..N-1.
+    exclude: None, a padded index list int [B, S] (entries >= N or < 0 ignored), or a bool mask
+      [B, N]; the target itself is never excluded (as in `target_ranks`).
+    chunk_size: items scored per scan step (static).
+    ties: 'optimistic' or 'pessimistic', as in `target_ranks`.
+  Returns:
+    int32 [B] ranks in 1..N (N for a NaN target score).
+  """
+  if ties not in TIE_RULES:
+    raise ValueError(f'Unknown tie rule {ties!r}; use one of {TIE_RULES}.')
+  num_items = item_table.shape[0]
+  targets = targets.astype(jnp.int32)
+  target_score = jnp.einsum('bh,bh->b', states, jnp.take(item_table, targets, axis=0))[:, None]
+  chunks, starts = _chunked_table(item_table, chunk_size)
+  kind, data = _chunk_exclusion(exclude, targets, num_items, chunk_size)
+
+  def count_chunk(count, chunk_and_start):
+    chunk, start = chunk_and_start
+    scores = _mask_chunk(states @ chunk.T, start, kind, data)  # [B, C]
+    ids = start + jnp.arange(chunk_size, dtype=jnp.int32)
+    # Real items other than the target; the target is accounted for below.
+    counted = (ids[None, :] < num_items) & (ids[None, :] != targets[:, None])
+    above = scores > target_score if ties == 'optimistic' else scores >= target_score
+    return count + jnp.sum(above & counted, axis=1, dtype=jnp.int32), None
+
+  count, _ = jax.lax.scan(count_chunk, jnp.zeros(targets.shape, jnp.int32), (chunks, starts))
+  # Optimistic: 1 + #{others strictly above}; pessimistic: the target itself + #{others >=}.
+  ranks = 1 + count
+  return jnp.where(jnp.isnan(target_score[:, 0]), num_items, ranks).astype(jnp.int32)
+
+
+def top_k_chunked(states: Array, item_table: Array, k: int, exclude: Array | None = None, *,
+                  chunk_size: int, approx: bool = False,
+                  recall_target: float = 0.95) -> tuple[Array, Array]:
+  """The k best items of each row, [B, k] scores and int32 ids, with O(B * (chunk_size + k)) memory.
+
+  A running top-k: each chunk's top-k is merged with the best k so far by `lax.top_k`. Scores
+  tie-break towards the lower item id, like `lax.top_k` on the full [B, N] scores. `approx=True`
+  uses `lax.approx_max_k` within each chunk (fast on TPU; on CPU/GPU it is exact top-k) with the
+  given recall target. `exclude` (no target here) is a padded index list [B, S] or bool [B, N].
+  Needs k <= N. Excluded and padding items score -inf; a row with fewer than k other items fills
+  its last slots with -inf and the id N.
+  """
+  num_items = item_table.shape[0]
+  if not 1 <= k <= num_items:
+    raise ValueError(f'k={k} must lie in 1..N={num_items}.')
+  batch = states.shape[0]
+  no_target = jnp.full((batch,), -1, jnp.int32)
+  chunks, starts = _chunked_table(item_table, chunk_size)
+  kind, data = _chunk_exclusion(exclude, no_target, num_items, chunk_size)
+  chunk_k = min(k, chunk_size)
+
+  def merge_chunk(best, chunk_and_start):
+    best_scores, best_ids = best
+    chunk, start = chunk_and_start
+    scores = _mask_chunk(states @ chunk.T, start, kind, data).astype(best_scores.dtype)
+    ids = start + jnp.arange(chunk_size, dtype=jnp.int32)
+    scores = jnp.where(ids[None, :] < num_items, scores, -jnp.inf)
+    if approx:
+      top, local = jax.lax.approx_max_k(scores, chunk_k, recall_target=recall_target)
+    else:
+      top, local = jax.lax.top_k(scores, chunk_k)
+    # Earlier (lower-id) candidates first, so lax.top_k's stable order keeps lower ids on ties.
+    merged = jnp.concatenate([best_scores, top], axis=1)
+    merged_ids = jnp.concatenate([best_ids, start + local.astype(jnp.int32)], axis=1)
+    top, pos = jax.lax.top_k(merged, k)
+    return (top, jnp.take_along_axis(merged_ids, pos, axis=1)), None
+
+  dtype = jnp.result_type(states.dtype, item_table.dtype)
+  init = (jnp.full((batch, k), -jnp.inf, dtype), jnp.full((batch, k), num_items, jnp.int32))
+  (scores, ids), _ = jax.lax.scan(merge_chunk, init, (chunks, starts))
+  return scores, ids
