@@ -1,0 +1,425 @@
+"""Throughput benchmark: the real train step and chunked full-ranking evaluation, swept over scale.
+
+Command (full sweep; about 15 minutes on a 2-core CPU, see the report of the performance issue):
+  python -m alphafuse_jax.bench --out_dir=workdirs/bench
+Smoke run (seconds):
+  python -m alphafuse_jax.bench --quick --out_dir=/tmp/bench
+
+What is measured, for the reference SASRec (configs/default.py: h=128, 1 reference block,
+InfoNCE with 64 negatives, batch 256) and the standard one (block='standard', 2 blocks):
+  * train: sequences/s of `train.make_train_step` mapped by `parallel.DataParallel` exactly as
+    `train.train_and_evaluate` does (numpy batch -> put_batch -> step -> float(loss) every step),
+    compile seconds (lower + compile), peak memory, and achieved FLOP/s;
+  * eval: examples/s of model forward + `metrics.target_ranks_chunked` over all N items (batch
+    1024, chunk `--chunk_size`), compile seconds and achieved FLOP/s.
+Sweeps: catalogue size N in 10^3..10^5 (train and eval) and 10^6 (eval of the ranking only, with
+random user states: the model is the same as at 10^5 and its 10^6-row frozen table would be a
+512 MB compile-time constant); history length L in (10, 50, 200) and device count in (1, 2, 8)
+at the ML-1M catalogue size N=3706.
+
+Each point runs in a fresh subprocess (`--worker`) with
+XLA_FLAGS=--xla_force_host_platform_device_count=K, so device counts can differ and peak memory
+is per point. Peak memory: `jax.Device.memory_stats()['peak_bytes_in_use']` where the backend
+reports it (GPU/TPU); on CPU it returns None, so we report the growth of the process's peak RSS
+(`resource.getrusage(RUSAGE_SELF).ru_maxrss`) from just before the model is built to the end
+of the point (host memory: XLA CPU buffers, frozen tables, the host-side decomposition).
+FLOPs: train steps use XLA's `compiled.cost_analysis()['flops']` (per device under shard_map,
+times the device count); evaluation counts 2*B*N*h for the ranking matmul analytically (XLA's
+cost analysis counts a scan body once) plus the forward's cost_analysis. The machine's float32
+matmul rate is measured in the same run (a 2048x2048 matmul on one device, median of 10) and
+every achieved FLOP/s is also given as a fraction of it.
+
+Outputs: a Markdown table on stdout, `bench.json` and `bench.png` in --out_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+from typing import Any
+
+from absl import app
+from absl import flags
+
+_OUT_DIR = flags.DEFINE_string('out_dir', 'workdirs/bench', 'Where bench.json and bench.png go.')
+_QUICK = flags.DEFINE_bool('quick', False, 'A tiny sweep that runs in seconds (smoke test).')
+_CHUNK = flags.DEFINE_integer('chunk_size', 8192, 'Items per chunk of the full-ranking scan.')
+_MIN_SECONDS = flags.DEFINE_float('min_seconds', 5.0, 'Time each measurement at least this long.')
+_WORKER = flags.DEFINE_string('worker', None, 'Internal: run one point (JSON) and print it.')
+_TIMEOUT = flags.DEFINE_integer('point_timeout', 900, 'Seconds before a point is abandoned.')
+
+RESULT_PREFIX = 'BENCH_RESULT '
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LANGUAGE_DIM = 384  # all-MiniLM-L6-v2 width.
+ML1M_ITEMS = 3706
+MODELS = {'reference': {'block': 'reference', 'num_blocks': 1},
+          'standard': {'block': 'standard', 'num_blocks': 2}}
+
+
+# ---- the points of the sweep ------------------------------------------------------------------
+def sweep_points(quick: bool) -> list[dict[str, Any]]:
+  """Every measurement as a dict: model, num_items, max_len, devices, train (bool), eval kind."""
+  if quick:
+    base = dict(hidden=32, batch=32, eval_batch=64, negatives=8, steps=2)
+    return [dict(base, model='reference', num_items=300, max_len=10, devices=2, train=True,
+                 eval='model'),
+            dict(base, model='ranking', num_items=10_000, max_len=10, devices=1, train=False,
+                 eval='ranking')]
+  base = dict(hidden=128, batch=256, eval_batch=1024, negatives=64, steps=5)
+  points, seen = [], set()
+
+  def add(**kw):
+    key = tuple(sorted(kw.items()))
+    if key not in seen:
+      seen.add(key)
+      points.append(dict(base, **kw))
+
+  for model in MODELS:
+    for n in (1_000, 10_000, 100_000):
+      add(model=model, num_items=n, max_len=10, devices=1, train=True, eval='model')
+    for length in (10, 50, 200):
+      add(model=model, num_items=ML1M_ITEMS, max_len=length, devices=1, train=True, eval='model')
+    for devices in (2, 8):
+      add(model=model, num_items=ML1M_ITEMS, max_len=10, devices=devices, train=True,
+          eval='model')
+  add(model='ranking', num_items=1_000_000, max_len=10, devices=1, train=False, eval='ranking')
+  return points
+
+
+# ---- worker: one point in this process --------------------------------------------------------
+def _config(point: dict[str, Any]):
+  """configs/default.py with the point's model, widths and batch sizes."""
+  if _ROOT not in sys.path:  # configs/ is a top-level package of the repository.
+    sys.path.insert(0, _ROOT)
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  model = MODELS.get(point['model'], MODELS['reference'])
+  config.model.block = model['block']
+  config.model.num_blocks = model['num_blocks']
+  config.embedding.hidden_dim = point['hidden']
+  config.embedding.null_dim = point['hidden'] // 2
+  config.train.batch_size = point['batch']
+  config.train.num_negatives = point['negatives']
+  config.eval.batch_size = point['eval_batch']
+  config.data.max_len = point['max_len']
+  return config
+
+
+def _synthetic_history(rng, rows: int, num_items: int, max_len: int):
+  """Left-padded histories int32 [rows, L] (pad id N) with lengths 1..L, and targets [rows]."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  history = rng.integers(0, num_items, size=(rows, max_len)).astype(np.int32)
+  lengths = rng.integers(1, max_len + 1, size=rows)
+  history[np.arange(max_len)[None, :] < (max_len - lengths)[:, None]] = num_items
+  return history, rng.integers(0, num_items, size=rows).astype(np.int32)
+
+
+def _timed(fn, min_steps: int, min_seconds: float, max_steps: int = 200) -> list[float]:
+  """Seconds per call of `fn` (which must block), at least min_steps and min_seconds long."""
+  times = []
+  start = time.perf_counter()
+  while len(times) < max_steps and (len(times) < min_steps or
+                                    time.perf_counter() - start < min_seconds):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def _peak_bytes(devices) -> int | None:
+  """Peak device memory where the backend tracks it (GPU/TPU), else None (CPU)."""
+  stats = [d.memory_stats() for d in devices]
+  if any(s is None or 'peak_bytes_in_use' not in s for s in stats):
+    return None
+  return int(sum(s['peak_bytes_in_use'] for s in stats))
+
+
+def _flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):  # Older JAX: one dict per module.
+    analysis = analysis[0] if analysis else None
+  return float(analysis['flops']) if analysis and 'flops' in analysis else None
+
+
+def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dict[str, Any]:
+  """Measures one point in this process (JAX already started with the point's device count)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from alphafuse_jax import metrics, parallel, train  # pylint: disable=g-import-not-at-top
+  from alphafuse_jax.models import sasrec  # pylint: disable=g-import-not-at-top
+
+  if jax.device_count() != point['devices']:
+    raise RuntimeError(f'point wants {point["devices"]} devices, JAX has {jax.device_count()}.')
+  rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  config = _config(point)
+  num_items, max_len, hidden = point['num_items'], point['max_len'], point['hidden']
+  rng = np.random.default_rng(0)
+  dp = parallel.DataParallel('shard_map')
+  out = dict(point, platform=jax.devices()[0].platform, chunk_size=min(chunk_size, num_items))
+  min_steps = point['steps']
+
+  if point['eval'] == 'ranking':
+    # The ranking alone, with random user states (see the module docstring).
+    table = jnp.asarray(rng.normal(size=(num_items, hidden)).astype(np.float32))
+    model, params = None, None
+  else:
+    dataset = types.SimpleNamespace(num_items=num_items, max_len=max_len,
+                                    train_item_counts=np.ones(num_items, np.int64))
+    language = rng.normal(size=(num_items, LANGUAGE_DIM)) * config.text.scale
+    model = train.build_model(config, dataset, language)
+    del language
+    init_key, train_key = jax.random.split(jax.random.key(0))
+    state = train.create_train_state(model, config, init_key)
+    out['params'] = train.count_params(state.params)
+
+  if point['train']:
+    batch_size = config.train.batch_size
+    step = dp.map(train.make_train_step(model, config, train_key, per_position=False),
+                  ('replicated', 'sharded'), ('replicated', 'replicated'), donate_argnums=(0,))
+
+    def host_batch(i):
+      history, target = _synthetic_history(np.random.default_rng(i), batch_size, num_items,
+                                           max_len)
+      local = dp.num_local_devices
+      batch = {'history': history, 'target': target, 'mask': np.ones(batch_size, bool),
+               'index': np.arange(batch_size, dtype=np.int32)}
+      return {k: v.reshape((local, -1) + v.shape[1:]) for k, v in batch.items()}
+
+    batches = [host_batch(i) for i in range(4)]
+    rstate = dp.replicate(state)
+    t0 = time.perf_counter()
+    compiled = step.lower(rstate, dp.put_batch(batches[0])).compile()
+    out['train_compile_s'] = time.perf_counter() - t0
+    per_device = _flops(compiled)
+    out['train_flops'] = per_device * dp.num_devices if per_device is not None else None
+    holder = {'state': rstate, 'i': 0}
+
+    def one_step():
+      # As in train.py: numpy batch -> put_batch -> step -> float(loss) (a host sync per step).
+      holder['state'], metrics_out = compiled(holder['state'],
+                                              dp.put_batch(batches[holder['i'] % 4]))
+      holder['i'] += 1
+      loss = float(np.asarray(metrics_out['loss']))
+      if not np.isfinite(loss):
+        raise FloatingPointError(f'bench train loss is {loss}.')
+
+    one_step()  # Warm-up (first execution allocates).
+    times = _timed(one_step, min_steps, min_seconds)
+    out['train_step_s'] = statistics.median(times)
+    out['train_steps_timed'] = len(times)
+    out['train_seq_per_s'] = batch_size / out['train_step_s']
+    if out['train_flops']:
+      out['train_flop_per_s'] = out['train_flops'] / out['train_step_s']
+    params = holder['state'].params
+    jax.block_until_ready(params)
+
+  # Evaluation: forward (when there is a model) + chunked ranks over all N items.
+  eval_batch = config.eval.batch_size
+  chunk = min(chunk_size, num_items)
+  if model is not None:
+    if params is None:
+      params = dp.replicate(state.params)
+    table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
+                                          method=sasrec.SASRec.item_table))(params)
+
+    def eval_fn(params, table, batch):
+      states = model.apply({'params': params}, batch['history'], deterministic=True)
+      return metrics.target_ranks_chunked(states, table, batch['target'], chunk_size=chunk)
+
+    forward = jax.jit(lambda p, h: model.apply({'params': p}, h, deterministic=True))
+    forward_flops = _flops(forward.lower(
+        params, jnp.zeros((eval_batch, max_len), jnp.int32)).compile()) or 0.0
+  else:
+    def eval_fn(params, table, batch):
+      del params
+      return metrics.target_ranks_chunked(batch['states'], table, batch['target'],
+                                          chunk_size=chunk)
+    forward_flops = 0.0
+  evaluate = dp.map(eval_fn, ('replicated', 'replicated', 'sharded'), 'sharded')
+  history, target = _synthetic_history(rng, eval_batch, num_items, max_len)
+  local = dp.num_local_devices
+  host = {'history': history, 'target': target}
+  if model is None:
+    host = {'states': rng.normal(size=(eval_batch, hidden)).astype(np.float32),
+            'target': target}
+    params = jnp.zeros(())
+  host = {k: v.reshape((local, -1) + v.shape[1:]) for k, v in host.items()}
+  table = dp.replicate(table)
+  t0 = time.perf_counter()
+  compiled_eval = evaluate.lower(params, table, dp.put_batch(host)).compile()
+  out['eval_compile_s'] = time.perf_counter() - t0
+
+  def one_eval():
+    dp.get_sharded(compiled_eval(params, table, dp.put_batch(host)))
+
+  one_eval()
+  times = _timed(one_eval, min(min_steps, 3), min_seconds)
+  out['eval_batch_s'] = statistics.median(times)
+  out['eval_examples_per_s'] = eval_batch / out['eval_batch_s']
+  out['eval_flops'] = 2.0 * eval_batch * num_items * hidden + forward_flops
+  out['eval_flop_per_s'] = out['eval_flops'] / out['eval_batch_s']
+
+  peak_device = _peak_bytes(jax.local_devices())
+  if peak_device is not None:
+    out['peak_memory_bytes'], out['peak_memory_kind'] = peak_device, 'device peak_bytes_in_use'
+  else:
+    rss_end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out['peak_memory_bytes'], out['peak_memory_kind'] = rss_end - rss_start, 'host ru_maxrss growth'
+  return out
+
+
+def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
+  """float32 FLOP/s of a jitted size x size matmul on one device (median of `repeats`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+  mm = jax.jit(jnp.matmul)
+  jax.block_until_ready(mm(a, b))
+  times = _timed(lambda: jax.block_until_ready(mm(a, b)), repeats, 0.0, max_steps=repeats)
+  return 2.0 * size ** 3 / statistics.median(times)
+
+
+# ---- orchestrator -----------------------------------------------------------------------------
+def run_subprocess(point: dict[str, Any], timeout: int) -> dict[str, Any]:
+  """Runs one point in a fresh Python with the point's forced host device count."""
+  env = dict(os.environ)
+  flags_env = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                       if 'xla_force_host_platform_device_count' not in f)
+  env['XLA_FLAGS'] = f'{flags_env} --xla_force_host_platform_device_count={point["devices"]}'
+  cmd = [sys.executable, '-m', 'alphafuse_jax.bench', f'--worker={json.dumps(point)}',
+         f'--min_seconds={_MIN_SECONDS.value}', f'--chunk_size={_CHUNK.value}']
+  try:
+    proc = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return dict(point, error=f'timed out after {timeout} s')
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+  return dict(point, error=f'exit {proc.returncode}: ' + ' | '.join(tail))
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+  return '-' if value is None else format(value / scale, spec)
+
+
+def markdown_table(results: list[dict[str, Any]], peak: float) -> str:
+  """One row per point; FLOP/s also as a percentage of the measured matmul rate."""
+  head = ('| model | N | L | dev | train seq/s | step ms | compile s | train GFLOP/s '
+          '| % mm | eval ex/s | eval GFLOP/s | % mm | eval compile s | peak mem MiB |')
+  lines = [head, '|' + '---|' * 14]
+  for r in results:
+    if 'error' in r:
+      lines.append(f'| {r["model"]} | {r["num_items"]} | {r["max_len"]} | {r["devices"]} | '
+                   f'error: {r["error"][:120]} |' + ' |' * 9)
+      continue
+    tf, ef = r.get('train_flop_per_s'), r.get('eval_flop_per_s')
+    lines.append(' | '.join([
+        f'| {r["model"]}', str(r['num_items']), str(r['max_len']), str(r['devices']),
+        _fmt(r.get('train_seq_per_s'), '.0f'), _fmt(r.get('train_step_s'), '.1f', 1e-3),
+        _fmt(r.get('train_compile_s'), '.1f'), _fmt(tf, '.2f', 1e9),
+        _fmt(None if tf is None else 100 * tf / peak, '.1f'),
+        _fmt(r.get('eval_examples_per_s'), '.0f'), _fmt(ef, '.2f', 1e9),
+        _fmt(None if ef is None else 100 * ef / peak, '.1f'),
+        _fmt(r.get('eval_compile_s'), '.1f'), _fmt(r.get('peak_memory_bytes'), '.0f', 2 ** 20),
+    ]) + ' |')
+  return '\n'.join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+  """Four panels: train seq/s and eval ex/s vs N, train seq/s vs L and vs devices."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ok = [r for r in results if 'error' not in r]
+  models = sorted({r['model'] for r in ok})
+  base_len = min((r['max_len'] for r in ok), default=10)
+  fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+  panels = [
+      (axes[0, 0], 'num_items', 'train_seq_per_s', 'catalogue size N', 'train sequences/s',
+       lambda r: r['max_len'] == base_len and r['devices'] == 1),
+      (axes[0, 1], 'num_items', 'eval_examples_per_s', 'catalogue size N', 'eval examples/s',
+       lambda r: r['max_len'] == base_len and r['devices'] == 1),
+      (axes[1, 0], 'max_len', 'train_seq_per_s', 'history length L', 'train sequences/s',
+       lambda r: r['devices'] == 1),
+      (axes[1, 1], 'devices', 'train_seq_per_s', 'host devices', 'train sequences/s',
+       lambda r: r['max_len'] == base_len),
+  ]
+  for ax, x_key, y_key, x_label, y_label, keep in panels:
+    for model in models:
+      rows = [r for r in ok if r['model'] == model and keep(r) and r.get(y_key)]
+      if x_key != 'num_items' and rows:  # L and device sweeps share one catalogue size.
+        common = max({r['num_items'] for r in rows},
+                     key=lambda n: sum(r['num_items'] == n for r in rows))
+        rows = [r for r in rows if r['num_items'] == common]
+      rows.sort(key=lambda r: r[x_key])
+      if rows:
+        ax.plot([r[x_key] for r in rows], [r[y_key] for r in rows], '-o', ms=4, label=model)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(True, which='both', alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=8)
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _WORKER.value:
+    result = run_point(json.loads(_WORKER.value), _MIN_SECONDS.value, _CHUNK.value)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return
+  if _CHUNK.value < 1:
+    raise app.UsageError(f'--chunk_size={_CHUNK.value} must be >= 1.')
+  out_dir = os.path.abspath(_OUT_DIR.value)
+  os.makedirs(out_dir, exist_ok=True)
+  if _QUICK.value and not flags.FLAGS['min_seconds'].present:
+    flags.FLAGS.min_seconds = 0.0
+  import jax  # pylint: disable=g-import-not-at-top
+  size = 512 if _QUICK.value else 2048
+  peak = matmul_rate(size)
+  print(f'float32 matmul rate ({jax.devices()[0].platform}, one device): {peak / 1e9:.1f} GFLOP/s',
+        file=sys.stderr, flush=True)
+  results = []
+  for i, point in enumerate(sweep_points(_QUICK.value)):
+    t0 = time.perf_counter()
+    result = run_subprocess(point, _TIMEOUT.value)
+    results.append(result)
+    status = result.get('error', 'ok')
+    print(f'[{i + 1}] {point["model"]} N={point["num_items"]} L={point["max_len"]} '
+          f'devices={point["devices"]}: {status} ({time.perf_counter() - t0:.0f} s)',
+          file=sys.stderr, flush=True)
+  table = markdown_table(results, peak)
+  memory_kind = next((r['peak_memory_kind'] for r in results if 'peak_memory_kind' in r), '-')
+  print(f'float32 matmul rate: {peak / 1e9:.1f} GFLOP/s ({size}x{size} on one device; '
+        f'"% mm" columns are fractions of it). Train FLOPs: XLA cost_analysis; eval FLOPs: '
+        f'2*B*N*h + forward cost_analysis. Peak memory: {memory_kind}.\n')
+  print(table)
+  record = {'matmul_flop_per_s': peak, 'results': results, 'quick': _QUICK.value}
+  tmp = os.path.join(out_dir, 'bench.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(record, f, indent=2)
+  os.replace(tmp, os.path.join(out_dir, 'bench.json'))
+  plot(results, os.path.join(out_dir, 'bench.png'))
+  if any('error' in r for r in results):
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
