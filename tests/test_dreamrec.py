@@ -11,7 +11,9 @@ from alphafuse_jax import diffusion
 from alphafuse_jax import embeddings
 from alphafuse_jax.models import SimpleIdEmbedding
 from alphafuse_jax.models.dreamrec import DreamRec, TimestepEmbedder
+from alphafuse_jax.models.dreamrec import from_config as dreamrec_from_config
 from alphafuse_jax.models.sasrec import SASRec
+from configs import dreamrec as dreamrec_config
 
 N, H, L = 10, 8, 5
 PAD = N
@@ -205,3 +207,16 @@ def test_bad_settings_name_the_config_field(kw, field):
 def test_timestep_embedder_width():
   out = TimestepEmbedder(6).init_with_output(jax.random.key(0), jnp.array([0, 1999]))[0]
   assert out.shape == (2, 6)
+
+
+@pytest.mark.parametrize('pipeline', ['alphafuse', 'id', 'idreamrec', 'llmesr'])
+def test_config_builds_the_reference_settings(pipeline):
+  config = dreamrec_config.get_config(pipeline)
+  model = dreamrec_from_config(config, SimpleIdEmbedding(N, config.embedding.hidden_dim), L)
+  assert (model.timesteps, model.beta_schedule, model.sampling_stride) == (2000, 'linear', 100)
+  assert (model.guidance_weight, model.p_uncond, model.denoiser) == (5.0, 0.1, 'linear')
+  assert model.reference_quirks is False
+  assert config.embedding.hidden_dim == (128 if pipeline == 'id' else 384)
+  assert config.train.l2 == 0.0 and config.embedding.aux_weight == 0.0
+  with pytest.raises(ValueError, match='pipeline'):
+    dreamrec_config.get_config('sasrec')

@@ -231,3 +231,26 @@ class DreamRec(nn.Module):
   def score(self, generated: Array, *, deterministic: bool = True) -> Array:
     """Dot-product scores [B, N] of generated embeddings [B, h] against every real item."""
     return jnp.matmul(generated, self.item_table(deterministic=deterministic).T)
+
+
+def from_config(config, item_embedding: nn.Module, max_len: int) -> DreamRec:
+  """DreamRec from `config.model` and `config.diffusion` (see configs/dreamrec.py).
+
+  Args:
+    config: the full config; reads model.{num_blocks, num_heads, dropout_rate, denoiser,
+      mlp_hidden_dim, p_uncond} and diffusion.{timesteps, beta_schedule, beta_start, beta_end,
+      sampler, sampling_stride, guidance_weight, reference_quirks}.
+    item_embedding: from `embeddings.make_item_embedding(config.embedding, ...)`.
+    max_len: the dataset's history length L.
+  """
+  if 'diffusion' not in config:
+    raise ValueError('config.diffusion is missing: DreamRec needs the diffusion section; start '
+                     'from configs/dreamrec.py.')
+  m, d = config.model, config.diffusion
+  return DreamRec(
+      item_embedding=item_embedding, max_len=max_len, num_blocks=m.num_blocks,
+      num_heads=m.num_heads, dropout_rate=m.dropout_rate, p_uncond=m.get('p_uncond', 0.1),
+      denoiser=m.get('denoiser', 'linear'), mlp_hidden_dim=m.get('mlp_hidden_dim', None),
+      timesteps=d.timesteps, beta_schedule=d.beta_schedule, beta_start=d.beta_start,
+      beta_end=d.beta_end, sampling_stride=d.sampling_stride, guidance_weight=d.guidance_weight,
+      sampler=d.get('sampler', 'ddim'), reference_quirks=d.get('reference_quirks', False))
