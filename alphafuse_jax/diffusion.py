@@ -10,7 +10,8 @@ values are the exact ones, cast to float32 where the model uses them). `Schedule
 DDIM (the reference's `sample_from_noise`, deterministic, eta = 0) visits the sub-sequence
 n = S-1, ..., 0 of S = T // stride + 1 steps with alpha_bar index a_n = max(stride * n - 1, 0):
     x <- coef1[n] * x0_hat + coef2[n] * x,
-    coef1 = sqrt(ab_prev) - sqrt(1 - ab_prev) / sqrt(1 / ab - 1),  coef2 = sqrt(1 - ab_prev) / sqrt(1 - ab)
+    coef1 = sqrt(ab_prev) - sqrt(1 - ab_prev) / sqrt(1 / ab - 1),
+    coef2 = sqrt(1 - ab_prev) / sqrt(1 - ab),
 with ab = alpha_bar[a_n] and ab_prev = alpha_bar[a_{n-1}] (1 for n = 0), so the last step returns
 x0_hat itself. The timestep fed to the denoiser is:
   * fixed (default): t_n = a_n, the same index as the coefficients, always within the trained

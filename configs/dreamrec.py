@@ -28,7 +28,8 @@ AlphaFuse in the full language dimension (reference-spec 2.2, README DreamRec co
     up by ~1e8 into unit-variance noise. The floor sits 14x below the smallest genuine eigenvalue
     (1.39e-2), so every genuine direction is whitened exactly, and 1e12x above the zeros, whose
     directions then come out with std <= 1.3e-6 (no language signal; measured): they lie in the
-    null space, where the ID alone fills them. The same floor serves the fully-whitened tables of iDreamRec and WhitenRec.
+    null space, where the ID alone fills them. The same floor serves the fully-whitened tables
+    of iDreamRec and WhitenRec.
 
 Baselines: every language pipeline uses h = d_l = 384 as the reference does (its --hidden_dim is the
 language width). 'id' uses h = 128 by default: 5x cheaper per step on this CPU, and the width of

@@ -50,8 +50,9 @@ def count(tree):
 def test_parameter_count(default):
   _, params = default
   # ID table (N+1)h = 11*8 = 88; positions L*h = 40;
-  # reference block: q, k, v 3*(h*h + h) = 216, FFN w_1, w_2 2*(h*h + h) = 144, 4 LayerNorms 4*2h = 64
-  #   -> 424; none embedding h = 8; timestep embedder 256h + h + h*h + h = 2048 + 8 + 64 + 8 = 2128;
+  # reference block: q, k, v 3*(h*h + h) = 216, FFN w_1, w_2 2*(h*h + h) = 144,
+  #   4 LayerNorms 4*2h = 64 -> 424; none embedding h = 8;
+  # timestep embedder 256h + h + h*h + h = 2048 + 8 + 64 + 8 = 2128;
   # linear denoiser 3h*h + h = 192 + 8 = 200.  88 + 40 + 424 + 8 + 2128 + 200 = 2888.
   assert count(params) == 2888
   assert set(params) == {'item_embedding', 'encoder', 'none_embedding', 'step_embedder',
@@ -59,7 +60,8 @@ def test_parameter_count(default):
   mlp = DreamRec(SimpleIdEmbedding(N, H), max_len=L, denoiser='mlp')
   mlp_params = jax.eval_shape(lambda: mlp.init({'params': jax.random.key(0)}, HISTORY,
                                                method=init_all))['params']
-  # mlp denoiser: Linear(3h -> 2h) 24*16 + 16 = 400, Linear(2h -> h) 16*8 + 8 = 136: 536 = 200 + 336.
+  # mlp denoiser: Linear(3h -> 2h) 24*16 + 16 = 400, Linear(2h -> h) 16*8 + 8 = 136;
+  # 536 = 200 + 336.
   assert count(mlp_params) == 2888 + 336
 
 
@@ -195,10 +197,11 @@ def test_train_mode_loss_uses_dropout_stream(default):
   assert not np.allclose(run(0), run(1))
 
 
-@pytest.mark.parametrize('kw, field', [({'denoiser': 'transformer'}, 'config.model.denoiser'),
-                                       ({'p_uncond': 1.5}, 'config.model.p_uncond'),
-                                       ({'beta_schedule': 'quad'}, 'config.diffusion.beta_schedule'),
-                                       ({'sampler': 'euler'}, 'config.diffusion.sampler')])
+@pytest.mark.parametrize('kw, field', [
+    ({'denoiser': 'transformer'}, 'config.model.denoiser'),
+    ({'p_uncond': 1.5}, 'config.model.p_uncond'),
+    ({'beta_schedule': 'quad'}, 'config.diffusion.beta_schedule'),
+    ({'sampler': 'euler'}, 'config.diffusion.sampler')])
 def test_bad_settings_name_the_config_field(kw, field):
   with pytest.raises(ValueError, match=field.replace('.', r'\.')):
     make(**kw)
