@@ -223,3 +223,13 @@ def test_config_builds_the_reference_settings(pipeline):
   assert config.train.l2 == 0.0 and config.embedding.aux_weight == 0.0
   with pytest.raises(ValueError, match='pipeline'):
     dreamrec_config.get_config('sasrec')
+
+
+def test_reference_quirks_flag_changes_only_the_fed_timesteps(default):
+  model, params = default  # T = 50, stride 10.
+  fed = lambda m: m.apply({'params': params}, method=lambda mod: mod.ddim.timesteps)
+  quirky = model.clone(reference_quirks=True)
+  np.testing.assert_array_equal(fed(model), [0, 9, 19, 29, 39, 49])
+  np.testing.assert_array_equal(fed(quirky), [0, 10, 20, 30, 40, 50])  # t = T: never trained.
+  gen = lambda m: m.apply({'params': params}, HISTORY, jax.random.key(0), method=DreamRec.generate)
+  assert not np.allclose(gen(model), gen(quirky))
