@@ -34,8 +34,10 @@ from alphafuse_jax import embeddings as embeddings_lib
 from alphafuse_jax import losses as losses_lib
 from alphafuse_jax import metrics as metrics_lib
 from alphafuse_jax import parallel
+from alphafuse_jax.models import dreamrec as dreamrec_lib
 from alphafuse_jax.models import sasrec as sasrec_lib
 
+BACKBONES = ('sasrec', 'dreamrec')
 LOSSES = ('infonce', 'bce', 'ce')
 OPTIMIZERS = ('adam_l2', 'adamw', 'sgd')
 
@@ -52,7 +54,15 @@ class TrainState(train_state.TrainState):
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Fails at start, with the fix, on config values that would fail (or mislead) later."""
   t = config.train
-  if t.loss not in LOSSES:
+  if config.model.backbone not in BACKBONES:
+    raise ValueError(f'config.model.backbone={config.model.backbone!r} is not one of {BACKBONES}.')
+  if config.eval.get('every_epochs', 1) < 1:
+    raise ValueError(f'config.eval.every_epochs={config.eval.every_epochs} must be >= 1.')
+  if config.model.backbone == 'dreamrec':
+    if config.data.protocol == 'leave_one_out':
+      raise ValueError('DreamRec trains on the last position only: use '
+                       "config.data.protocol='cold_start_users' with backbone='dreamrec'.")
+  elif t.loss not in LOSSES:
     raise ValueError(f'config.train.loss={t.loss!r} is not one of {LOSSES}.')
   if t.optimizer not in OPTIMIZERS:
     raise ValueError(f'config.train.optimizer={t.optimizer!r} is not one of {OPTIMIZERS}.')
@@ -112,13 +122,13 @@ def load_language_embeddings(config: ml_collections.ConfigDict,
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDataset,
-                language_embeddings: np.ndarray | None) -> sasrec_lib.SASRec:
-  """The item-embedding pipeline inside the sequence backbone."""
-  if config.model.backbone != 'sasrec':
-    raise ValueError(f"config.model.backbone={config.model.backbone!r}: only 'sasrec' exists yet.")
+                language_embeddings: np.ndarray | None):
+  """The item-embedding pipeline inside the sequence backbone (SASRec or DreamRec)."""
   item_embedding = embeddings_lib.make_item_embedding(
       config.embedding, num_items=dataset.num_items, language_embeddings=language_embeddings,
       item_counts=dataset.train_item_counts)
+  if config.model.backbone == 'dreamrec':
+    return dreamrec_lib.from_config(config, item_embedding, dataset.max_len)
   return sasrec_lib.SASRec(
       item_embedding=item_embedding, max_len=dataset.max_len, block=config.model.block,
       num_blocks=config.model.num_blocks, num_heads=config.model.num_heads,
@@ -142,14 +152,14 @@ def _rngs(key: jax.Array) -> dict[str, jax.Array]:
   return {'dropout': dropout_key, 'gating': gating_key}
 
 
-def _init_all(module: sasrec_lib.SASRec, history: jax.Array) -> Any:
+def _init_all(module, history: jax.Array) -> Any:
   """Touches every submodule so `init` creates all parameters (scoring and auxiliary heads too)."""
   states = module(history, deterministic=True)
   module.score(states)
   return module.auxiliary_loss(deterministic=True)
 
 
-def create_train_state(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
+def create_train_state(model, config: ml_collections.ConfigDict,
                        key: jax.Array) -> TrainState:
   history = jnp.full((1, model.max_len), model.item_embedding.num_items, jnp.int32)
   params = model.init(_rngs(key) | {'params': key}, history, method=_init_all)['params']
@@ -161,7 +171,7 @@ def count_params(tree: Any) -> int:
 
 
 # ---- per-device steps -----------------------------------------------------------------------
-def make_train_step(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
+def make_train_step(model, config: ml_collections.ConfigDict,
                     base_key: jax.Array, *, per_position: bool):
   """The per-device train step: loss -> grads -> pmean over 'data' -> optax update.
 
@@ -171,6 +181,13 @@ def make_train_step(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
   """
   t = config.train
   num_items = model.item_embedding.num_items
+  is_dreamrec = isinstance(model, dreamrec_lib.DreamRec)
+
+  def per_example_diffusion(params, history, target, key):
+    dropout_key, diffusion_key = jax.random.split(key)
+    return model.apply({'params': params}, history[None], target[None], diffusion_key,
+                       deterministic=False, rngs=_rngs(dropout_key),
+                       method=dreamrec_lib.DreamRec.loss)[0]
 
   def per_example(params, history, key):
     method = sasrec_lib.SASRec.encode if per_position else sasrec_lib.SASRec.__call__
@@ -203,14 +220,19 @@ def make_train_step(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
           dense=t.negative_scoring == 'dense')
 
     def loss_fn(params):
-      table = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
-                          method=sasrec_lib.SASRec.item_table)
-      states = jax.vmap(per_example, (None, 0, 0))(params, batch['history'], model_keys)
-      # Negatives are drawn per row from the row's own key (device-split invariant).
-      per_row = jax.vmap(row_loss, (0, 0, 0, None))(states, targets, negative_keys, table)
+      if is_dreamrec:
+        # x0 = the target's embedding: gradients reach the item table through the target.
+        per_row = jax.vmap(per_example_diffusion, (None, 0, 0, 0))(
+            params, batch['history'], targets, model_keys)
+      else:
+        table = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
+                            method=type(model).item_table)
+        states = jax.vmap(per_example, (None, 0, 0))(params, batch['history'], model_keys)
+        # Negatives are drawn per row from the row's own key (device-split invariant).
+        per_row = jax.vmap(row_loss, (0, 0, 0, None))(states, targets, negative_keys, table)
       main = jnp.sum(per_row * weights) / global_count * num_devices
       aux = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
-                        method=sasrec_lib.SASRec.auxiliary_loss)
+                        method=type(model).auxiliary_loss)
       return main + config.embedding.aux_weight * aux, (main, aux)
 
     (loss, (main_loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -223,11 +245,20 @@ def make_train_step(model: sasrec_lib.SASRec, config: ml_collections.ConfigDict,
   return train_step
 
 
-def make_eval_step(model: sasrec_lib.SASRec):
-  """Per-device eval step: user states -> scores against all N items -> the target's rank."""
+def make_eval_step(model, eval_key: jax.Array | None = None):
+  """Per-device eval step: user states -> scores against all N items -> the target's rank.
+
+  DreamRec's state is the generated next-item embedding; its sampling noise comes from
+  `fold_in(eval_key, global row index)`, so every evaluation of a row draws the same noise.
+  """
 
   def eval_step(params, table, batch):
-    states = model.apply({'params': params}, batch['history'], deterministic=True)
+    if isinstance(model, dreamrec_lib.DreamRec):
+      keys = jax.vmap(jax.random.fold_in, (None, 0))(eval_key, batch['index'])
+      states = model.apply({'params': params}, batch['history'], keys,
+                           method=dreamrec_lib.DreamRec.generate)
+    else:
+      states = model.apply({'params': params}, batch['history'], deterministic=True)
     scores = states @ table.T
     exclude = batch.get('seen')
     return metrics_lib.target_ranks(scores, batch['target'], exclude=exclude)
@@ -314,9 +345,11 @@ class Evaluator:
     self.ks = tuple(config.eval.ks)
     self.head_fraction = config.eval.head_fraction
     self.short_history = config.eval.short_history
-    self._step = dp.map(make_eval_step(model), ('replicated', 'replicated', 'sharded'), 'sharded')
+    eval_key = jax.random.key(config.get('diffusion', {}).get('eval_seed', 0))
+    self._step = dp.map(make_eval_step(model, eval_key), ('replicated', 'replicated', 'sharded'),
+                        'sharded')
     self._table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
-                                                method=sasrec_lib.SASRec.item_table))
+                                                method=type(model).item_table))
     self.seconds = 0.0
     self.examples = 0
 
@@ -328,11 +361,15 @@ class Evaluator:
     table = self.dp.replicate(table) if self.dp.mode == 'pmap' else table
     out = []
     n = len(self.arrays['target'])
-    for batch in data_lib.batches(self.arrays, self.batch_size, seed=0, epoch=0, shuffle=False,
-                                  num_devices=self.dp.num_local_devices,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count()):
+    local_rows = self.batch_size // jax.process_count()
+    for i, batch in enumerate(data_lib.batches(
+        self.arrays, self.batch_size, seed=0, epoch=0, shuffle=False,
+        num_devices=self.dp.num_local_devices, process_index=jax.process_index(),
+        process_count=jax.process_count())):
       mask = batch.pop('mask')
+      # The row's index in the split (seeds DreamRec's sampling noise).
+      index = i * self.batch_size + jax.process_index() * local_rows + np.arange(local_rows)
+      batch['index'] = index.astype(np.int32).reshape(mask.shape)
       ranks = self.dp.get_sharded(self._step(params, table, self.dp.put_batch(batch)))
       out.append(ranks[mask.reshape(-1)])
     ranks = np.concatenate(out) if out else np.zeros((0,), np.int32)
@@ -482,29 +519,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.close()
         logging.info('stopping after step %d (config.train.stop_after_steps)', step)
         return None
-    state_host = dp.unreplicate(rstate)
-    state = state_host
-    val = val_eval.evaluate(rstate.params)
+    state = dp.unreplicate(rstate)
     epoch += 1
     progress.epochs_done = epoch
-    improved = val['NDCG@20'] > progress.best_metric
-    if improved:
-      progress.best_metric, progress.best_epoch, progress.evals_since_best = val['NDCG@20'], epoch, 0
-      ckpt.save_best(step, state_host.params)
-    else:
-      progress.evals_since_best += 1
-    record = {'step': step, 'epoch': epoch,
-              'train_loss': epoch_loss / max(epoch_steps, 1),
-              **{f'val/{k}': v for k, v in val.items()}}
+    record = {'step': step, 'epoch': epoch, 'train_loss': epoch_loss / max(epoch_steps, 1)}
+    if epoch % config.eval.every_epochs == 0 or epoch >= config.train.num_epochs:
+      val = val_eval.evaluate(rstate.params)
+      improved = val['NDCG@20'] > progress.best_metric
+      if improved:
+        progress.best_metric, progress.best_epoch, progress.evals_since_best = (
+            val['NDCG@20'], epoch, 0)
+        ckpt.save_best(step, state.params)
+      else:
+        progress.evals_since_best += 1
+      record.update({f'val/{k}': v for k, v in val.items()})
+      if jax.process_index() == 0:
+        print(f'epoch {epoch:3d}  loss {record["train_loss"]:.4f}  val NDCG@20 '
+              f'{val["NDCG@20"]:.4f}  HR@10 {val["HR@10"]:.4f}{"  *" if improved else ""}',
+              flush=True)
+    elif jax.process_index() == 0:
+      print(f'epoch {epoch:3d}  loss {record["train_loss"]:.4f}', flush=True)
     if jax.process_index() == 0:
       _append_jsonl(metrics_path, record)
-      logging.info('epoch %d: loss %.4f val NDCG@20 %.4f HR@10 %.4f%s', epoch,
-                   record['train_loss'], val['NDCG@20'], val['HR@10'], ' (best)' if improved else '')
-      print(f'epoch {epoch:3d}  loss {record["train_loss"]:.4f}  val NDCG@20 {val["NDCG@20"]:.4f}'
-            f'  HR@10 {val["HR@10"]:.4f}{"  *" if improved else ""}', flush=True)
     if progress.evals_since_best >= config.train.patience or epoch >= config.train.num_epochs:
       progress.finished = True
-    ckpt.save_latest(step, state_host, progress)
+    ckpt.save_latest(step, state, progress)
 
   # Test once, from the best checkpoint.
   best_params = ckpt.restore_best(state.params)
@@ -543,12 +582,14 @@ def plot_learning_curve(metrics_path: str, out_path: str) -> None:
   if not records:
     return
   epochs = [r['epoch'] for r in records]
+  evaluated = [r for r in records if 'val/NDCG@20' in r]
   fig, ax1 = plt.subplots(figsize=(6, 3.5))
   ax1.plot(epochs, [r['train_loss'] for r in records], 'C0-o', ms=3, label='train loss')
   ax1.set_xlabel('epoch')
   ax1.set_ylabel('train loss', color='C0')
   ax2 = ax1.twinx()
-  ax2.plot(epochs, [r['val/NDCG@20'] for r in records], 'C1-s', ms=3, label='val NDCG@20')
+  ax2.plot([r['epoch'] for r in evaluated], [r['val/NDCG@20'] for r in evaluated], 'C1-s', ms=3,
+           label='val NDCG@20')
   ax2.set_ylabel('val NDCG@20', color='C1')
   fig.tight_layout()
   tmp = out_path + '.tmp.png'

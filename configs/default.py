@@ -156,6 +156,8 @@ def get_config() -> config_dict.ConfigDict:
   # Evaluation.
   config.eval = config_dict.ConfigDict()
   config.eval.batch_size = 1024
+  # Evaluate on validation every this many epochs (and after the last); patience counts these.
+  config.eval.every_epochs = 1
   # Mask items already in the user's history (literature's leave-one-out practice).
   config.eval.exclude_seen = False
   # Cut-offs for HR/NDCG/MRR.
