@@ -10,7 +10,8 @@
 #
 # Processes ignore SIGTERM once jax.distributed is initialised, so the job is stopped with
 # SIGKILL: on Ctrl-C, on timeout, and as soon as one process fails (the others would otherwise
-# wait for a collective until the coordination service's heartbeat timeout).
+# wait for a collective until the coordination service's heartbeat timeout). A process that
+# raises still spends up to ~100 s in JAX's shutdown barrier before it exits.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: bash launch/multihost_local.sh NUM_PROCESSES [--config=...] [--workdir=...] [--config.x=y ...]" >&2
@@ -53,11 +54,14 @@ done
 tail -n +1 -f "$WORKDIR/process_0.log" --pid="${PIDS[0]}" &
 TAIL=$!
 status=0
-# Wait for the first process to end; any failure stops the others at once.
-remaining=$NUM
-while [ "$remaining" -gt 0 ]; do
-  if wait -n "${PIDS[@]}"; then
-    remaining=$((remaining - 1))
+# Wait for the processes one by one as they end; any failure stops the others at once.
+RUNNING=("${PIDS[@]}")
+while [ "${#RUNNING[@]}" -gt 0 ]; do
+  ENDED=
+  if wait -n -p ENDED "${RUNNING[@]}"; then
+    LEFT=()
+    for pid in "${RUNNING[@]}"; do [ "$pid" = "$ENDED" ] || LEFT+=("$pid"); done
+    RUNNING=("${LEFT[@]+"${LEFT[@]}"}")
   else
     status=$?
     echo "[multihost_local] a process failed (exit $status); stopping the others. See $WORKDIR/process_*.log" >&2
