@@ -38,7 +38,7 @@ def main(argv):
                jax.process_count())
   from alphafuse_jax import train  # pylint: disable=g-import-not-at-top
   results = train.train_and_evaluate(config, _WORKDIR.value)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and results is not None:  # None: stop_after_steps stopped it.
     print(format_results(results))
 
 

@@ -61,7 +61,9 @@ class DataParallel:
     if self.mode == 'pmap':
       # jax.device_put_replicated was removed in JAX 0.10; flax's helper still does this.
       return flax.jax_utils.replicate(tree, devices=self.local_devices)
-    return jax.device_put(tree, self._replicated)
+    # Via host numpy: restored checkpoints are arrays committed to one local device, and
+    # device_put of those onto a multi-process mesh is an (unsupported) cross-host transfer.
+    return jax.device_put(jax.tree.map(np.asarray, tree), self._replicated)
 
   def unreplicate(self, tree: Any) -> Any:
     """One host copy (numpy) of replicated state."""

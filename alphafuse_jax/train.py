@@ -283,9 +283,16 @@ class Checkpoints:
   """Orbax managers for the latest train state (resume) and the best params (model selection)."""
 
   def __init__(self, workdir: str):
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    self.latest = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
-    self.best = ocp.CheckpointManager(os.path.join(workdir, 'best'), options=options)
+    def options(name):
+      # Distinct barrier keys: in multi-process runs both managers save the same step, and
+      # orbax names its barriers by step alone ('Barrier _async_write_complete.N is already
+      # ongoing' otherwise).
+      multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+      return ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                          multiprocessing_options=multiprocessing)
+    self.latest = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                        options=options('latest'))
+    self.best = ocp.CheckpointManager(os.path.join(workdir, 'best'), options=options('best'))
 
   def save_latest(self, step: int, state: TrainState, progress: Progress) -> None:
     self.latest.save(step, args=ocp.args.Composite(
@@ -359,7 +366,7 @@ class Evaluator:
     host_params = params if self.dp.mode == 'shard_map' else self.dp.unreplicate(params)
     table = self._table(host_params)
     table = self.dp.replicate(table) if self.dp.mode == 'pmap' else table
-    out = []
+    out, masks = [], []
     n = len(self.arrays['target'])
     local_rows = self.batch_size // jax.process_count()
     for i, batch in enumerate(data_lib.batches(
@@ -371,11 +378,20 @@ class Evaluator:
       index = i * self.batch_size + jax.process_index() * local_rows + np.arange(local_rows)
       batch['index'] = index.astype(np.int32).reshape(mask.shape)
       ranks = self.dp.get_sharded(self._step(params, table, self.dp.put_batch(batch)))
-      out.append(ranks[mask.reshape(-1)])
-    ranks = np.concatenate(out) if out else np.zeros((0,), np.int32)
+      out.append(ranks)
+      masks.append(mask.reshape(-1))
+    # [num_batches, local_rows] on every process (padding rows included), so the gather below
+    # sees equal shapes; process_allgather requires them.
+    ranks = np.stack(out) if out else np.zeros((0, local_rows), np.int32)
+    valid = np.stack(masks) if masks else np.zeros((0, local_rows), bool)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      ranks = np.concatenate(list(multihost_utils.process_allgather(ranks, tiled=False)))
+      # [processes, batches, rows] -> [batches, processes, rows]: global batch b is process 0's
+      # rows then process 1's..., so the flattened ranks are in split order (group metrics).
+      ranks = np.asarray(multihost_utils.process_allgather(ranks)).transpose(1, 0, 2)
+      valid = np.asarray(multihost_utils.process_allgather(valid.astype(np.int32))
+                         ).transpose(1, 0, 2).astype(bool)
+    ranks = ranks.reshape(-1)[valid.reshape(-1)]
     if len(ranks) != n:
       raise RuntimeError(f'evaluation of {self.split} counted {len(ranks)} of {n} examples.')
     self.seconds += time.perf_counter() - start
@@ -462,8 +478,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if restored is not None:
     state, progress = restored
     logging.info('resuming from step %d (epoch %d)', int(state.step), progress.epochs_done)
+  # Process 0 alone owns metrics.jsonl (the workdir is shared by all processes).
+  if restored is not None and jax.process_index() == 0:
     _truncate_jsonl(metrics_path, int(state.step))
-  elif os.path.exists(metrics_path):
+  elif restored is None and jax.process_index() == 0 and os.path.exists(metrics_path):
     os.remove(metrics_path)
 
   train_arrays = dict(dataset.splits['train'])

@@ -94,12 +94,6 @@ def params_at(workdir: pathlib.Path, step: int) -> list[tuple[str, np.ndarray]]:
           in jax.tree_util.tree_leaves_with_path(restored.state['params'])]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'multi-process fixes pending in train.py/parallel.py/main.py (Evaluator.ranks gathers '
-    'unequal shapes; both CheckpointManagers share orbax barrier keys; replicate() of restored '
-    'arrays is a cross-host transfer; every process rewrites metrics.jsonl on resume; main.py '
-    'prints results=None); see the performance-and-'
-    'scale report. Remove this marker once they are applied.'))
 def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
   overrides = dict(make_dataset(tmp_path), **{
       'train.optimizer': 'sgd', 'train.learning_rate': 0.5, 'model.dropout_rate': 0.1,
