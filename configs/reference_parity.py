@@ -29,6 +29,15 @@ def get_config(pipeline: str = 'alphafuse') -> config_dict.ConfigDict:
   # The README's Movies command uses zeros for AlphaFuse; --ID_embs_init_type defaults to normal.
   config.embedding.id_init = 'zeros' if pipeline == 'alphafuse' else 'normal'
   config.model.block = 'reference'
+  # The authors' README: InfoNCE on cosine / 0.07 with 64 uniform negatives.
+  config.train.loss = 'infonce'
+  config.train.num_negatives = 64
+  config.train.temperature = 0.07
+  config.train.optimizer = 'adam_l2'
+  config.train.learning_rate = 1e-3
+  config.train.l2 = 1e-6
+  config.train.batch_size = 256
+  config.model.dropout_rate = 0.1
   config.train.shuffle = False
   config.train.num_epochs = 6
   return config
