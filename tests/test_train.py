@@ -52,6 +52,7 @@ def make_dataset(root: pathlib.Path) -> dict:
       'embedding.null_dim': 8,
       'train.batch_size': 64,
       'train.num_epochs': 3,
+      'train.loss': 'infonce',
       'train.num_negatives': 4,
       'eval.batch_size': 64,
   }
@@ -92,7 +93,7 @@ def run_cli(overrides: dict, workdir, devices: int = 2, **popen):
 
 
 def test_end_to_end_writes_results_and_resumes_finished_run(synthetic, tmp_path):
-  config = make_config(synthetic)
+  config = make_config(dict(synthetic, **{'train.loss': 'ce'}))  # The default config's loss.
   results = train_lib.train_and_evaluate(config, str(tmp_path))
   dataset = data_lib.load(config.data)
   # Every example of each split is counted exactly once.
