@@ -18,16 +18,8 @@ if [ $# -lt 1 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 NUM=$1; shift
-CONFIG=configs/default.py
-WORKDIR=workdirs/multihost
-EXTRA=()
-for arg in "$@"; do
-  case "$arg" in
-    --config=*) CONFIG="${arg#--config=}" ;;
-    --workdir=*) WORKDIR="${arg#--workdir=}" ;;
-    *) EXTRA+=("$arg") ;;
-  esac
-done
+source "$(dirname "${BASH_SOURCE[0]}")/_args.sh"
+parse_run_args workdirs/multihost "$@"
 PORT="${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 mkdir -p "$WORKDIR"
 # Prepare the data once, before the processes start (they would race on the TFDS cache).

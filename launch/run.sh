@@ -2,16 +2,8 @@
 # The main job on the bundled default: MovieLens-1M, cold-start users, AlphaFuse-SASRec.
 # Usage: bash launch/run.sh [--config=configs/default.py] [--workdir=workdirs/default] [--config.x=y ...]
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-CONFIG=configs/default.py
-WORKDIR=workdirs/default
-EXTRA=()
-for arg in "$@"; do
-  case "$arg" in
-    --config=*) CONFIG="${arg#--config=}" ;;
-    --workdir=*) WORKDIR="${arg#--workdir=}" ;;
-    *) EXTRA+=("$arg") ;;
-  esac
-done
+source "$(dirname "${BASH_SOURCE[0]}")/_args.sh"
+parse_run_args workdirs/default "$@"
 echo "[run] preparing data for $CONFIG"
 python -m alphafuse_jax.data --config="$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}"
 if python -c 'import alphafuse_jax.train' 2>/dev/null; then

@@ -36,16 +36,8 @@ if [ ! -x .venv/bin/python ]; then
   exit 1
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
-CONFIG=configs/default.py
-WORKDIR="workdirs/slurm-${SLURM_JOB_ID:-local}"
-EXTRA=()
-for arg in "$@"; do
-  case "$arg" in
-    --config=*) CONFIG="${arg#--config=}" ;;
-    --workdir=*) WORKDIR="${arg#--workdir=}" ;;
-    *) EXTRA+=("$arg") ;;
-  esac
-done
+source "$ROOT/launch/_args.sh"
+parse_run_args "workdirs/slurm-${SLURM_JOB_ID:-local}" "$@"
 mkdir -p "$WORKDIR"
 echo "[slurm_gpu] preparing data for $CONFIG"
 python -m alphafuse_jax.data --config="$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}"

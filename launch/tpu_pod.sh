@@ -22,16 +22,8 @@ set -euo pipefail
 : "${ZONE:?set ZONE to the TPU zone}"
 REPO_DIR="${REPO_DIR:-~/alphafuse-jax}"
 JAX_VERSION="${JAX_VERSION:-0.10.2}"
-CONFIG=configs/default.py
-WORKDIR=/mnt/shared/workdirs/pod
-EXTRA=()
-for arg in "$@"; do
-  case "$arg" in
-    --config=*) CONFIG="${arg#--config=}" ;;
-    --workdir=*) WORKDIR="${arg#--workdir=}" ;;
-    *) EXTRA+=("$arg") ;;
-  esac
-done
+source "$(dirname "${BASH_SOURCE[0]}")/_args.sh"
+parse_run_args /mnt/shared/workdirs/pod "$@"
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=(--zone="$ZONE" ${PROJECT:+--project="$PROJECT"})
 on_all() {  # Runs a shell command on every worker of the slice, in parallel.
