@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alphafuse_jax import decomposition
+# PyTorch's nn.Linear (W, b ~ U(+-1/sqrt(fan_in))), shared with the backbones.
+from alphafuse_jax.models.layers import TorchDense
 
 Array = jax.Array
 
@@ -131,29 +133,21 @@ def id_initializer(name: str) -> Callable[..., Array]:
   raise ValueError(f'Unknown ID init {name!r} (config.embedding.id_init); use one of {ID_INITS}.')
 
 
-class TorchDense(nn.Module):
-  """nn.Linear with PyTorch's default init: W and b ~ U(+-1/sqrt(fan_in)).
-
-  Attributes:
-    features: output width.
-    use_bias: add a bias.
-  """
-  features: int
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    fan_in = x.shape[-1]
-    bound = 1.0 / math.sqrt(fan_in)
-    kernel = self.param('kernel', _uniform(-bound, bound), (fan_in, self.features))
-    y = jnp.matmul(x, kernel)
-    if self.use_bias:
-      y = y + self.param('bias', _uniform(-bound, bound), (self.features,))
-    return y
-
-
 # ---- plain and semantic ID tables -----------------------------------------------------------
-class IDEmbedding(nn.Module):
+class _TrainableTable(nn.Module):
+  """Lookups in a trainable `id_table` [N + 1, h] that a subclass's setup() creates."""
+
+  def __call__(self, ids: Array, *, deterministic: bool) -> Array:
+    return _lookup(self.id_table, ids)
+
+  def table(self, *, deterministic: bool = True) -> Array:
+    return self.id_table[:self.num_items]
+
+  def auxiliary_loss(self, *, deterministic: bool) -> Array:
+    return _zero_loss()
+
+
+class IDEmbedding(_TrainableTable):
   """`ID`: a trainable table [N + 1, hidden_dim] (SASRec, DreamRec).
 
   Attributes:
@@ -173,17 +167,8 @@ class IDEmbedding(nn.Module):
     self.id_table = self.param('id_table', id_initializer(self.id_init),
                                (self.num_items + 1, self.hidden_dim))
 
-  def __call__(self, ids: Array, *, deterministic: bool) -> Array:
-    return _lookup(self.id_table, ids)
 
-  def table(self, *, deterministic: bool = True) -> Array:
-    return self.id_table[:self.num_items]
-
-  def auxiliary_loss(self, *, deterministic: bool) -> Array:
-    return _zero_loss()
-
-
-class SemanticInitEmbedding(nn.Module):
+class SemanticInitEmbedding(_TrainableTable):
   """`SI` (LLMInit): a trainable table initialised from language vectors.
 
   Attributes:
@@ -200,15 +185,6 @@ class SemanticInitEmbedding(nn.Module):
 
   def setup(self):
     self.id_table = self.param('id_table', lambda _: jnp.asarray(self.initial_table.padded))
-
-  def __call__(self, ids: Array, *, deterministic: bool) -> Array:
-    return _lookup(self.id_table, ids)
-
-  def table(self, *, deterministic: bool = True) -> Array:
-    return self.id_table[:self.num_items]
-
-  def auxiliary_loss(self, *, deterministic: bool) -> Array:
-    return _zero_loss()
 
 
 # ---- AlphaFuse ---------------------------------------------------------------------------------
