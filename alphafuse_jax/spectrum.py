@@ -25,21 +25,6 @@ import numpy as np
 
 from alphafuse_jax import decomposition
 
-_EMBEDDINGS = flags.DEFINE_string('embeddings', None,
-                                  'Item vectors: .npy, .npz or <name>_emb.pickle.')
-_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Directory for spectrum.png and spectrum.json.')
-_HIDDEN_DIM = flags.DEFINE_integer('hidden_dim', 128, 'Kept directions k (capped at d).')
-_NULL_DIM = flags.DEFINE_integer('null_dim', 64,
-                                 'Nullity n (ignored when --null_threshold is set).')
-_NULL_THRESHOLD = flags.DEFINE_float('null_threshold', None,
-                                     'Nullity = #eigenvalues <= this (wins over --null_dim).')
-_SCALE = flags.DEFINE_float('scale', 40.0, 'Multiply the vectors by this first (reference: 40).')
-_ITEM_COUNTS = flags.DEFINE_string('item_counts', None,
-                                   'Optional .npy of item popularity for weighted moments.')
-_WEIGHTING = flags.DEFINE_enum('weighting', 'weighted', list(decomposition.WEIGHTINGS),
-                               "With --item_counts: 'weighted' or the authors' variant.")
-
-
 def load_vectors(path: str) -> np.ndarray:
   """[N, d] float vectors via the project's reader when present, else np.load."""
   try:
@@ -156,19 +141,36 @@ def run(embeddings_path: str, out_dir: str, *, hidden_dim: int = 128, null_dim: 
   return report
 
 
+def _define_flags() -> None:
+  """The command's flags, registered only when run as a command (importing defines none)."""
+  flags.DEFINE_string('embeddings', None, 'Item vectors: .npy, .npz or <name>_emb.pickle.')
+  flags.DEFINE_string('out_dir', None, 'Directory for spectrum.png and spectrum.json.')
+  flags.DEFINE_integer('hidden_dim', 128, 'Kept directions k (capped at d).')
+  flags.DEFINE_integer('null_dim', 64, 'Nullity n (ignored when --null_threshold is set).')
+  flags.DEFINE_float('null_threshold', None,
+                     'Nullity = #eigenvalues <= this (wins over --null_dim).')
+  flags.DEFINE_float('scale', 40.0, 'Multiply the vectors by this first (reference: 40).')
+  flags.DEFINE_string('item_counts', None,
+                      'Optional .npy of item popularity for weighted moments.')
+  flags.DEFINE_enum('weighting', 'weighted', list(decomposition.WEIGHTINGS),
+                    "With --item_counts: 'weighted' or the authors' variant.")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _EMBEDDINGS.value or not _OUT_DIR.value:
+  if not flags.FLAGS.embeddings or not flags.FLAGS.out_dir:
     raise app.UsageError('--embeddings and --out_dir are required.')
-  report = run(_EMBEDDINGS.value, _OUT_DIR.value, hidden_dim=_HIDDEN_DIM.value,
-               null_dim=_NULL_DIM.value, null_threshold=_NULL_THRESHOLD.value,
-               scale=_SCALE.value, item_counts_path=_ITEM_COUNTS.value, weighting=_WEIGHTING.value)
+  f = flags.FLAGS
+  report = run(f.embeddings, f.out_dir, hidden_dim=f.hidden_dim, null_dim=f.null_dim,
+               null_threshold=f.null_threshold, scale=f.scale, item_counts_path=f.item_counts,
+               weighting=f.weighting)
   print(f'N={report["num_items"]} d={report["dim"]} kept={report["kept_dim"]} '
         f'nullity={report["nullity"]} '
         f'explained variance kept={report["explained_variance_kept"]:.4f} '
-        f'below whitening floor={report["num_below_whitening_floor"]} -> {_OUT_DIR.value}')
+        f'below whitening floor={report["num_below_whitening_floor"]} -> {flags.FLAGS.out_dir}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
