@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alphafuse_jax import decomposition
+from alphafuse_jax.losses import l2_normalize
 # PyTorch's nn.Linear (W, b ~ U(+-1/sqrt(fan_in))), shared with the backbones.
 from alphafuse_jax.models.layers import TorchDense
 
@@ -42,7 +43,6 @@ ID_INITS = ('zeros', 'normal', 'uniform', 'xavier', 'orthogonal', 'sparse')
 RLMREC_ALIGNMENTS = ('con', 'gen')
 # Torch `nn.LeakyReLU()` slope and `F.normalize` epsilon.
 _LEAKY_SLOPE = 0.01
-_NORMALIZE_EPS = 1e-12
 
 
 class FrozenTable:
@@ -358,14 +358,9 @@ class FrozenLanguageEmbedding(nn.Module):
 
 
 # ---- RLMRec ------------------------------------------------------------------------------------
-def _l2_normalize(x: Array) -> Array:
-  """torch F.normalize(x, dim=-1): x / max(||x||, 1e-12)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORMALIZE_EPS)
-
-
 def cosine_alignment_loss(predicted: Array, target: Array) -> Array:
   """1 - mean_i cos(predicted_i, target_i) over rows [N, d] (RLMRec's reconstruction loss)."""
-  cos = jnp.sum(_l2_normalize(predicted) * _l2_normalize(target), axis=-1)
+  cos = jnp.sum(l2_normalize(predicted) * l2_normalize(target), axis=-1)
   return 1.0 - jnp.sum(cos) / predicted.shape[0]
 
 

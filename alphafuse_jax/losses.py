@@ -69,9 +69,14 @@ def weighted_mean(values: Array, weights: Array | None = None) -> Array:
 
 
 def l2_normalize(x: Array, eps: float = NORMALIZE_EPS) -> Array:
-  """x / max(||x||_2, eps) along the last axis (torch.nn.functional.normalize)."""
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, eps)
+  """x / max(||x||_2, eps) along the last axis (torch.nn.functional.normalize), values and grads.
+
+  The norm is sqrt(max(sum x^2, eps^2)): equal to max(||x||, eps), but its gradient at x = 0 is
+  torch's (1/eps, the norm branch inactive) instead of jnp.linalg.norm's NaN. Zero rows occur:
+  an ID table initialised with zeros (the authors' README setting) starts there.
+  """
+  squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x / jnp.sqrt(jnp.maximum(squared, eps * eps))
 
 
 def softmax_cross_entropy(logits: Array, labels: Array) -> Array:

@@ -204,3 +204,14 @@ def test_dense_scoring_equals_gathered_embeddings(kind):
   np.testing.assert_allclose(total(table, True), total(table, False), rtol=1e-5)
   np.testing.assert_allclose(jax.grad(total)(table, True), jax.grad(total)(table, False),
                              rtol=1e-4, atol=1e-6)
+
+
+def test_l2_normalize_has_torch_gradient_at_zero():
+  """A zero row (zeros-initialised ID table) gets torch's finite gradient 1/eps, not NaN."""
+  x = jnp.zeros((2, 3), jnp.float32).at[1].set(jnp.array([3.0, 4.0, 0.0]))
+  np.testing.assert_allclose(losses.l2_normalize(x), [[0, 0, 0], [0.6, 0.8, 0]], atol=1e-7)
+  grad = jax.grad(lambda x: jnp.sum(losses.l2_normalize(x)[:, 0]))(x)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  np.testing.assert_allclose(grad[0], [1.0 / losses.NORMALIZE_EPS, 0.0, 0.0], rtol=1e-6)
+  # Away from zero: d(x0/|x|)/dx = (|x|^2 e0 - x0 x) / |x|^3 = [0.64, -0.48, 0] / 5.
+  np.testing.assert_allclose(grad[1], [0.128, -0.096, 0.0], rtol=1e-5)
