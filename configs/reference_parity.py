@@ -27,6 +27,7 @@ def get_config(pipeline: str = 'alphafuse') -> config_dict.ConfigDict:
   config = _default.get_config()
   config.embedding.pipeline = pipeline
   # The README's Movies command uses zeros for AlphaFuse; --ID_embs_init_type defaults to normal.
+  # (A pure ID table from zeros does not learn: val NDCG@20 stayed at 0.015 for 5 epochs.)
   config.embedding.id_init = 'zeros' if pipeline == 'alphafuse' else 'normal'
   config.model.block = 'reference'
   # The authors' README: InfoNCE on cosine / 0.07 with 64 uniform negatives.
