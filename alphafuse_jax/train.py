@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp

@@ -24,7 +24,6 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from tests.test_train import flag_args, make_dataset
 
