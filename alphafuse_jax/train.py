@@ -232,14 +232,12 @@ def make_train_step(model, config: ml_collections.ConfigDict,
       main = jnp.sum(per_row * weights) / global_count * num_devices
       aux = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
                         method=type(model).auxiliary_loss)
-      return main + config.embedding.aux_weight * aux, (main, aux)
+      return main + config.embedding.aux_weight * aux
 
-    (loss, (main_loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grads = jax.lax.pmean(grads, parallel.AXIS)
     loss = jax.lax.pmean(loss, parallel.AXIS)
-    grad_norm = optax.tree.norm(grads)
-    new_state = state.apply_gradients(grads=grads)
-    return new_state, {'loss': loss, 'grad_norm': grad_norm}
+    return state.apply_gradients(grads=grads), {'loss': loss}
 
   return train_step
 
