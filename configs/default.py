@@ -173,4 +173,10 @@ def get_config() -> config_dict.ConfigDict:
   config.eval.head_fraction = 0.2
   # Short-history examples: fewer than this many items before the target.
   config.eval.short_history = 10
+  # Also report SAMPLED metrics (LLM-ESR style: the target against this many uniform negatives
+  # outside the history; results.json 'test_sampled'), for comparison with papers that use them.
+  # 0 = full ranking only. Sampled numbers are not comparable to full-ranking ones.
+  config.eval.sampled_negatives = 0
+  # Seed of the fixed key that draws the sampled negatives (the same at every evaluation).
+  config.eval.sampled_seed = 0
   return config
