@@ -62,6 +62,45 @@ def target_ranks(scores: Array, targets: Array, exclude: Array | None = None,
   return jnp.where(jnp.isnan(target_score[:, 0]), num_items, ranks).astype(jnp.int32)
 
 
+def sampled_target_ranks(scores: Array, targets: Array, keys: Array, num_negatives: int,
+                         exclude: Array | None = None) -> Array:
+  """1-based rank of each target among itself and `num_negatives` sampled negatives.
+
+  LLM-ESR-style sampled evaluation, for comparison with papers that report it (it is NOT
+  comparable to full ranking: ranks are much smaller). Negatives are drawn uniformly WITHOUT
+  replacement from the items that are neither the target nor in `exclude` (the user's history),
+  by taking the `num_negatives` largest of per-item uniform noise; a row with fewer eligible items
+  than `num_negatives` tops up with excluded items. Ties count in the target's favour, as in
+  `target_ranks`.
+
+  Args:
+    scores: [batch, N] item scores.
+    targets: int [batch] target ids in 0..N-1.
+    keys: [batch] PRNG keys, one per row (fold the row's index in, so a row always draws the same
+      negatives whatever the batch split).
+    num_negatives: K, at most N - 1.
+    exclude: optional padded item lists int [batch, S] (entries >= N or < 0 ignored).
+  Returns:
+    int32 [batch] ranks in 1..K+1.
+  """
+  batch, num_items = scores.shape
+  if not 0 < num_negatives < num_items:
+    raise ValueError(f'sampled evaluation needs 0 < num_negatives < N = {num_items}; got '
+                     f'{num_negatives} (config.eval.sampled_negatives).')
+  targets = targets.astype(jnp.int32)
+  noise = jax.vmap(lambda k: jax.random.uniform(k, (num_items,)))(keys)
+  rows = jnp.arange(batch)[:, None]
+  if exclude is not None:
+    valid = (exclude >= 0) & (exclude < num_items)
+    noise = noise.at[rows, jnp.where(valid, exclude, num_items)].set(-1.0, mode='drop')
+  noise = noise.at[rows[:, 0], targets].set(-2.0)  # The target is never its own negative.
+  _, negatives = jax.lax.top_k(noise, num_negatives)
+  target_score = jnp.take_along_axis(scores, targets[:, None], axis=1)
+  negative_scores = jnp.take_along_axis(scores, negatives, axis=1)
+  ranks = 1 + jnp.sum(negative_scores > target_score, axis=1, dtype=jnp.int32)
+  return jnp.where(jnp.isnan(target_score[:, 0]), num_negatives + 1, ranks).astype(jnp.int32)
+
+
 def _apply_exclusion(scores: Array, targets: Array, exclude: Array) -> Array:
   """Sets excluded items' scores to -inf, except each row's target."""
   batch, num_items = scores.shape

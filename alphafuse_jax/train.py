@@ -242,11 +242,15 @@ def make_train_step(model, config: ml_collections.ConfigDict,
   return train_step
 
 
-def make_eval_step(model, eval_key: jax.Array | None = None):
+def make_eval_step(model, eval_key: jax.Array | None = None, sampled_negatives: int = 0,
+                   sampled_key: jax.Array | None = None):
   """Per-device eval step: user states -> scores against all N items -> the target's rank.
 
   DreamRec's state is the generated next-item embedding; its sampling noise comes from
   `fold_in(eval_key, global row index)`, so every evaluation of a row draws the same noise.
+  With `sampled_negatives` K > 0 the step returns int32 [b, 2]: the full-ranking rank and the
+  rank among the target and K negatives drawn from `fold_in(sampled_key, row index)` (the same
+  negatives at every evaluation), excluding the history (and seen items when excluded).
   """
 
   def eval_step(params, table, batch):
@@ -258,7 +262,15 @@ def make_eval_step(model, eval_key: jax.Array | None = None):
       states = model.apply({'params': params}, batch['history'], deterministic=True)
     scores = states @ table.T
     exclude = batch.get('seen')
-    return metrics_lib.target_ranks(scores, batch['target'], exclude=exclude)
+    ranks = metrics_lib.target_ranks(scores, batch['target'], exclude=exclude)
+    if not sampled_negatives:
+      return ranks
+    history = batch['history'] if exclude is None else jnp.concatenate(
+        [batch['history'], exclude], axis=1)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(sampled_key, batch['index'])
+    sampled = metrics_lib.sampled_target_ranks(scores, batch['target'], keys, sampled_negatives,
+                                               exclude=history)
+    return jnp.stack([ranks, sampled], axis=1)
 
   return eval_step
 
@@ -350,8 +362,14 @@ class Evaluator:
     self.head_fraction = config.eval.head_fraction
     self.short_history = config.eval.short_history
     eval_key = jax.random.key(config.get('diffusion', {}).get('eval_seed', 0))
-    self._step = dp.map(make_eval_step(model, eval_key), ('replicated', 'replicated', 'sharded'),
-                        'sharded')
+    # Sampled metrics (opt-in): their negatives come from a fixed key of their own.
+    self.sampled_negatives = int(config.eval.get('sampled_negatives', 0) or 0)
+    self._step = dp.map(
+        make_eval_step(model, eval_key, self.sampled_negatives,
+                       jax.random.key(config.eval.get('sampled_seed', 0))),
+        ('replicated', 'replicated', 'sharded'), 'sharded')
+    # The ranks of the last pass: [n] full ranking, or [n, 2] with the sampled ranks.
+    self.last_ranks: np.ndarray | None = None
     self._table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
                                                 method=type(model).item_table))
     # Steady-state speed: the first pass (which compiles) is not counted.
@@ -381,32 +399,56 @@ class Evaluator:
       masks.append(mask.reshape(-1))
     # [num_batches, local_rows] on every process (padding rows included), so the gather below
     # sees equal shapes; process_allgather requires them.
-    ranks = np.stack(out) if out else np.zeros((0, local_rows), np.int32)
+    width = (2,) if self.sampled_negatives else ()
+    ranks = np.stack(out) if out else np.zeros((0, local_rows) + width, np.int32)
     valid = np.stack(masks) if masks else np.zeros((0, local_rows), bool)
+    ranks = ranks.reshape(valid.shape + width)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       # [processes, batches, rows] -> [batches, processes, rows]: global batch b is process 0's
       # rows then process 1's..., so the flattened ranks are in split order (group metrics).
-      ranks = np.asarray(multihost_utils.process_allgather(ranks)).transpose(1, 0, 2)
+      ranks = np.asarray(multihost_utils.process_allgather(ranks)).swapaxes(0, 1)
       valid = np.asarray(multihost_utils.process_allgather(valid.astype(np.int32))
                          ).transpose(1, 0, 2).astype(bool)
-    ranks = ranks.reshape(-1)[valid.reshape(-1)]
+    ranks = ranks.reshape((-1,) + width)[valid.reshape(-1)]
     if len(ranks) != n:
       raise RuntimeError(f'evaluation of {self.split} counted {len(ranks)} of {n} examples.')
     self._passes += 1
     if self._passes > 1:
       self.seconds += time.perf_counter() - start
       self.examples += n
+    self.last_ranks = ranks
     return ranks
 
   def evaluate(self, params, groups: bool = False) -> dict[str, Any]:
+    """Full-ranking metrics; with `groups`, {'all': .., <group>: ..} (and 'sampled' when on)."""
     ranks = self.ranks(params)
-    result = metrics_lib.summarize_ranks(ranks, ks=self.ks)
+    full = ranks[:, 0] if ranks.ndim == 2 else ranks
+    result = metrics_lib.summarize_ranks(full, ks=self.ks)
     if groups:
       result = {'all': result, **group_metrics(
-          self.dataset, self.split, ranks, self.ks, head_fraction=self.head_fraction,
+          self.dataset, self.split, full, self.ks, head_fraction=self.head_fraction,
           short_history=self.short_history)}
+      if ranks.ndim == 2:
+        result['sampled'] = {'all': metrics_lib.summarize_ranks(ranks[:, 1], ks=self.ks),
+                             **group_metrics(self.dataset, self.split, ranks[:, 1], self.ks,
+                                             head_fraction=self.head_fraction,
+                                             short_history=self.short_history)}
     return result
+
+  def save_ranks(self, path: str) -> None:
+    """Writes the last pass's ranks with each example's target and position (npz, atomic)."""
+    arrays = self.dataset.splits[self.split]
+    out = {'target': np.asarray(arrays['target'], np.int32),
+           'user_id': np.asarray(arrays['user_id'], np.int32),
+           'position': np.asarray(arrays['position'], np.int32)}
+    if self.last_ranks.ndim == 2:
+      out['rank'], out['sampled_rank'] = self.last_ranks[:, 0], self.last_ranks[:, 1]
+    else:
+      out['rank'] = self.last_ranks
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
 
 
 def group_metrics(dataset, split: str, ranks: np.ndarray, ks, *, head_fraction: float,
@@ -570,6 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   val_result = val_eval.evaluate(best_params)
   test_eval = Evaluator(dp, model, config, dataset, 'test')
   test_result = test_eval.evaluate(best_params, groups=True)
+  sampled = test_result.pop('sampled', None)
   ckpt.close()
   eval_seconds = val_eval.seconds + test_eval.seconds
   results = {
@@ -585,7 +628,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'devices': dp.num_devices,
       'parallelism': dp.mode,
   }
+  if sampled is not None:
+    # Labelled as sampled everywhere: not comparable to the full-ranking numbers above.
+    results['test_sampled'] = sampled.pop('all')
+    results['test_groups_sampled'] = sampled
+    results['sampled_negatives'] = test_eval.sampled_negatives
   if jax.process_index() == 0:
+    # Per-example test ranks, for group and decile analyses (experiments.py).
+    test_eval.save_ranks(os.path.join(workdir, 'test_ranks.npz'))
     _write_json(os.path.join(workdir, 'results.json'), results)
     plot_learning_curve(metrics_path, os.path.join(workdir, 'learning_curve.png'))
   return results

@@ -162,3 +162,46 @@ def test_ranks_match_a_sort_on_random_scores_and_jit():
   expected = np.array([np.flatnonzero(order[i] == targets[i])[0] + 1 for i in range(16)])
   got = jax.jit(metrics.target_ranks)(jnp.asarray(scores), jnp.asarray(targets))
   np.testing.assert_array_equal(got, expected)
+
+
+def test_sampled_ranks_hand_computed_and_exclusions():
+  # N = 6 items; with K = N - 1 - |history| every eligible item is drawn, so the rank is exact:
+  # row 0: target 2 (score 0.5), history {0, 4}; eligible negatives {1, 3, 5} with scores
+  # 0.9, 0.1, 0.6 -> two beat the target -> rank 3 (items 0 and 4 scoring 2.0 and 3.0 ignored).
+  scores = jnp.array([[2.0, 0.9, 0.5, 0.1, 3.0, 0.6]])
+  keys = jax.random.split(jax.random.key(0), 1)
+  history = jnp.array([[0, 4, 6]])  # 6 = the pad id N, ignored.
+  ranks = metrics.sampled_target_ranks(scores, jnp.array([2]), keys, 3, exclude=history)
+  assert ranks.tolist() == [3]
+  # Without the exclusion all 5 others are drawn: 0, 1, 4, 5 beat 0.5 -> rank 5.
+  assert metrics.sampled_target_ranks(scores, jnp.array([2]), keys, 5).tolist() == [5]
+
+
+def test_sampled_negatives_are_distinct_uniform_and_key_determined():
+  n, k, rows = 50, 10, 4000
+  # Scores = item id, target item 0 (lowest): rank - 1 = K for every row, and the sampled set
+  # is recovered by giving the target the highest score instead and counting per item.
+  keys = jax.random.split(jax.random.key(1), rows)
+  targets = jnp.zeros((rows,), jnp.int32)
+  history = jnp.full((rows, 2), n).at[:, 0].set(7)  # Item 7 is always in the history.
+  scores = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32), (rows, n))
+  ranks = metrics.sampled_target_ranks(scores, targets, keys, k, exclude=history)
+  assert np.all(np.asarray(ranks) == k + 1)  # K distinct negatives, all above item 0.
+  # Inclusion frequency of each item: one-hot scores make item j alone beat the target.
+  freq = []
+  for j in (1, 7, 25, 49):
+    one_hot = jnp.zeros((rows, n)).at[:, j].set(1.0)
+    freq.append(float(np.mean(np.asarray(
+        metrics.sampled_target_ranks(one_hot, targets, keys, k, exclude=history)) == 2)))
+  expected = k / (n - 2)  # Uniform over the 48 items that are neither the target nor item 7.
+  for f in (freq[0], freq[2], freq[3]):
+    assert abs(f - expected) < 4 * math.sqrt(expected * (1 - expected) / rows)
+  assert freq[1] == 0.0
+  again = metrics.sampled_target_ranks(scores * -1, targets, keys, k, exclude=history)
+  assert np.all(np.asarray(again) == 1)
+
+
+def test_sampled_ranks_reject_too_many_negatives():
+  with pytest.raises(ValueError, match='sampled_negatives'):
+    metrics.sampled_target_ranks(jnp.zeros((1, 5)), jnp.array([0]),
+                                 jax.random.split(jax.random.key(0), 1), 5)

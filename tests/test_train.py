@@ -111,10 +111,28 @@ def test_end_to_end_writes_results_and_resumes_finished_run(synthetic, tmp_path)
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(l)['epoch'] for l in lines] == [1, 2, 3]
   assert (tmp_path / 'learning_curve.png').stat().st_size > 1000
+  # Per-example test ranks: in split order, and they reproduce the reported metrics.
+  saved = np.load(tmp_path / 'test_ranks.npz')
+  np.testing.assert_array_equal(saved['target'], dataset.splits['test']['target'])
+  assert saved['rank'].min() >= 1 and saved['rank'].max() <= dataset.num_items
+  assert abs(np.mean(saved['rank'] <= 10) - results['test']['HR@10']) < 1e-12
+  assert 'test_sampled' not in results
   # A finished run restarted on its workdir does not train again and reports the same test.
   again = train_lib.train_and_evaluate(config, str(tmp_path))
   assert again['test'] == results['test']
   assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 3
+
+
+def test_sampled_metrics_are_opt_in_and_labelled(synthetic, tmp_path):
+  config = make_config(dict(synthetic, **{'train.num_epochs': 1, 'eval.sampled_negatives': 10}))
+  results = train_lib.train_and_evaluate(config, str(tmp_path))
+  saved = np.load(tmp_path / 'test_ranks.npz')
+  assert results['sampled_negatives'] == 10
+  # Sampled ranks lie in 1..K+1 and never exceed the full-ranking rank.
+  assert saved['sampled_rank'].max() <= 11 and np.all(saved['sampled_rank'] <= saved['rank'])
+  assert abs(np.mean(saved['sampled_rank'] <= 10) - results['test_sampled']['HR@10']) < 1e-12
+  assert abs(np.mean(saved['rank'] <= 10) - results['test']['HR@10']) < 1e-12
+  assert set(results['test_groups_sampled']) == set(results['test_groups'])
 
 
 def test_killed_run_resumes_to_identical_metrics(synthetic, tmp_path):
