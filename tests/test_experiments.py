@@ -1,0 +1,266 @@
+"""The experiment suite: aggregation and the tie rule, deciles, the cell runner, missing runs.
+
+Everything runs on fabricated results directories and a fake cell command: nothing trains.
+"""
+
+import functools
+import io
+import json
+import math
+import pathlib
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from alphafuse_jax import experiments
+
+# A 10-item catalogue: items 0 and 1 are the head (20% most interacted), 2..9 the tail.
+COUNTS = np.array([50, 40, 9, 8, 7, 6, 5, 4, 3, 2])
+# Four test examples per cell: two head targets, two tail targets; positions 3 and 2 are short
+# users (< 10 items before the target), 12 and 15 long.
+TARGETS = np.array([0, 1, 5, 6])
+POSITIONS = np.array([3, 12, 2, 15])
+# Ranks per (variant, seed); NDCG@20 of rank 1 is 1, of rank 3 is 1/log2(4) = 0.5, of 100 is 0.
+RANKS = {
+    ('alphafuse', 22): [1, 1, 100, 100], ('alphafuse', 23): [1, 3, 100, 100],
+    ('alphafuse', 24): [3, 1, 100, 100],
+    ('id', 22): [1, 1, 1, 100], ('id', 23): [3, 1, 3, 100], ('id', 24): [1, 3, 1, 100],
+}
+
+
+def write_cell(run_dir: pathlib.Path, ranks, *, sampled=None, curve=(0.1, 0.2, 0.3)):
+  """A finished cell: results.json, metrics.jsonl and test_ranks.npz."""
+  run_dir.mkdir(parents=True)
+  arrays = {'rank': np.asarray(ranks, np.int32), 'target': TARGETS.astype(np.int32),
+            'position': POSITIONS.astype(np.int32)}
+  results = {'test': {'NDCG@20': -1.0}, 'wall_seconds': 12.0}  # The report recomputes.
+  if sampled is not None:
+    arrays['sampled_rank'] = np.asarray(sampled, np.int32)
+    results['sampled_negatives'] = 100
+  np.savez(run_dir / 'test_ranks.npz', **arrays)
+  (run_dir / 'results.json').write_text(json.dumps(results))
+  (run_dir / 'metrics.jsonl').write_text(''.join(
+      json.dumps({'step': e, 'epoch': e, 'train_loss': 1.0, 'val/NDCG@20': v}) + '\n'
+      for e, v in enumerate(curve, 1)))
+
+
+@pytest.fixture(name='report')
+def fixture_report(tmp_path):
+  """The smoke suite over seeds 22-25: seeds 22-24 finished, alphafuse_s25 missing, id_s25 cut."""
+  suite = experiments.make_suite('smoke', seeds=[22, 23, 24, 25])
+  runs = tmp_path / 'results' / 'smoke' / 'runs'
+  for (variant, seed), ranks in RANKS.items():
+    write_cell(runs / f'{variant}_s{seed}', ranks,
+               sampled=[1, 1, 2, 5] if variant == 'id' else None)
+  (runs / 'id_s25').mkdir()  # Interrupted: a workdir without results.json.
+  (runs / 'id_s25' / 'metrics.jsonl').write_text('{"step": 1, "epoch": 1, "val/NDCG@20": 0.5}\n')
+  summary = experiments.build_report(suite, str(tmp_path / 'results'), train_item_counts=COUNTS)
+  return suite, summary, tmp_path / 'results' / 'smoke'
+
+
+def ndcg20(rank):
+  return 1.0 / math.log2(rank + 1) if rank <= 20 else 0.0
+
+
+def test_means_and_stds_match_hand_computed(report):
+  _, summary, _ = report
+  overall = summary['tables']['overall']['alphafuse']['NDCG@20']
+  # Per seed: (1 + 1 + 0 + 0) / 4 = 0.5, (1 + 0.5) / 4 = 0.375, (0.5 + 1) / 4 = 0.375.
+  assert overall['values'] == pytest.approx([0.5, 0.375, 0.375], abs=1e-12)
+  assert overall['mean'] == pytest.approx(1.25 / 3, abs=1e-12)
+  # Sample std: deviations 1/12, -1/24, -1/24 -> sqrt((1/144 + 2/576) / 2) = sqrt(1/192).
+  assert overall['std'] == pytest.approx(math.sqrt(1 / 192), abs=1e-12)
+  assert overall['n'] == 3 and overall['seeds'] == [22, 23, 24]
+  # Tail items of id: NDCG@20 (1 + 0) / 2 = 0.5, (0.5 + 0) / 2 = 0.25, 0.5; HR@10 1/2 each seed.
+  tail = summary['tables']['tail_items']['id']
+  assert tail['NDCG@20']['values'] == pytest.approx([0.5, 0.25, 0.5], abs=1e-12)
+  assert tail['NDCG@20']['std'] == pytest.approx(statistics.stdev([0.5, 0.25, 0.5]), abs=1e-12)
+  assert tail['HR@10']['mean'] == pytest.approx(0.5) and tail['HR@10']['std'] == 0.0
+  # Short users (examples 0 and 2) of alphafuse seed 23: ranks 1 and 100 -> NDCG@10 0.5.
+  assert summary['cells']['alphafuse_s23']['groups']['short_users']['NDCG@10'] == pytest.approx(0.5)
+  assert summary['cells']['alphafuse_s23']['groups']['long_users']['count'] == 2
+  assert summary['num_head_items'] == 2
+
+
+def test_paired_comparison_and_tie_rule(report):
+  _, summary, out_dir = report
+  comp = summary['comparisons']['NDCG@20']
+  # Head items: id - alphafuse = 0, 0, 0 per seed -> a tie (spread stdev(1, .75, .75) > 0).
+  head = comp['head_items']['id']
+  assert head['mean_diff'] == pytest.approx(0.0) and head['verdict'] == 'tie'
+  assert head['spread'] == pytest.approx(statistics.stdev([1.0, 0.75, 0.75]))
+  # Overall: differences .25, .125, .25 (mean 5/24) beat the spread stdev(.75, .5, .625) = .125.
+  overall = comp['overall']['id']
+  assert overall['mean_diff'] == pytest.approx(5 / 24)
+  assert overall['std_diff'] == pytest.approx(statistics.stdev([0.25, 0.125, 0.25]))
+  assert overall['spread'] == pytest.approx(0.125) and overall['verdict'] == 'better'
+  assert overall['seeds'] == [22, 23, 24]
+  readme = (out_dir / 'README.md').read_text()
+  assert '+0.2083 ± 0.0722 **better**' in readme and '**tie**' in readme
+
+
+@pytest.mark.parametrize('variant, baseline, verdict', [
+    ({1: 0.10, 2: 0.12, 3: 0.14}, {1: 0.20, 2: 0.22, 3: 0.24}, 'worse'),
+    # |mean diff| 0.25 equals the spread 0.25 (exact in binary): not smaller, so not a tie.
+    ({1: 0.5, 2: 0.75, 3: 1.0}, {1: 0.25, 2: 0.5, 3: 0.75}, 'better'),
+    ({1: 0.12, 2: 0.10, 3: 0.14}, {1: 0.10, 2: 0.12, 3: 0.13}, 'tie'),
+    ({1: 0.30}, {1: 0.10, 2: 0.12}, 'n/a'),  # One paired seed: no spread to judge by.
+])
+def test_tie_rule_cases(variant, baseline, verdict):
+  assert experiments.paired_comparison(variant, baseline)['verdict'] == verdict
+
+
+def test_missing_and_unfinished_runs_are_listed(report):
+  _, summary, out_dir = report
+  assert {(m['cell'], m['status']) for m in summary['not_finished']} == {
+      ('alphafuse_s25', 'missing'), ('id_s25', 'unfinished')}
+  readme = (out_dir / 'README.md').read_text()
+  assert '`alphafuse_s25`: missing' in readme and '`id_s25`: unfinished' in readme
+  assert 'Every test user is a cold-start user' in readme
+  # The unfinished seed does not enter the means.
+  assert summary['tables']['overall']['id']['NDCG@20']['seeds'] == [22, 23, 24]
+  assert json.loads((out_dir / 'summary.json').read_text()) == summary
+
+
+def test_sampled_metrics_get_their_own_labelled_table(report):
+  _, summary, out_dir = report
+  readme = (out_dir / 'README.md').read_text()
+  assert '## Sampled: 100 negatives, not comparable to full ranking' in readme
+  sampled = summary['sampled_tables']['overall']
+  assert set(sampled) == {'id'}
+  # Sampled ranks 1, 1, 2, 5: HR@10 = 1 and NDCG@10 = (1 + 1 + 1/log2(3) + 1/log2(6)) / 4.
+  assert sampled['id']['HR@10']['mean'] == pytest.approx(1.0)
+  assert sampled['id']['NDCG@10']['mean'] == pytest.approx(
+      (2 + 1 / math.log2(3) + 1 / math.log2(6)) / 4)
+
+
+def test_plots_written(report):
+  _, summary, out_dir = report
+  assert set(summary['plots']) == {'learning_curves.png', 'ndcg_by_popularity_decile.png'}
+  for name in summary['plots']:
+    assert (out_dir / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert not list(out_dir.glob('.*.tmp'))
+
+
+def test_popularity_deciles_by_hand():
+  # Item i interacted i times: items 0, 1 are the least popular (decile 1), 18, 19 the most.
+  deciles = experiments.popularity_deciles(np.arange(20))
+  np.testing.assert_array_equal(deciles, np.repeat(np.arange(1, 11), 2))
+  # Ties: the lower id counts as more popular (as metrics.item_groups does).
+  np.testing.assert_array_equal(experiments.popularity_deciles(np.array([5, 5, 5, 5, 5]), 5),
+                                [5, 4, 3, 2, 1])
+
+
+def test_decile_ndcg_by_hand():
+  deciles = experiments.popularity_deciles(np.arange(20))
+  # Two examples in decile 1 (ranks 1 and 3 -> (1 + 0.5) / 2), one in decile 10 (rank 7 ->
+  # 1/log2(8) = 1/3), one in decile 5 (rank 30 -> 0); the other deciles have no example.
+  targets = np.array([0, 1, 19, 9])
+  ranks = np.array([1, 3, 7, 30])
+  got = experiments.decile_metric(ranks, targets, deciles, 'NDCG@20')
+  want = np.full(10, np.nan)
+  want[0], want[9], want[4] = 0.75, 1 / 3, 0.0
+  np.testing.assert_allclose(got, want, atol=1e-12)
+  # The per-rank oracle agrees on decile 1.
+  assert got[0] == pytest.approx((ndcg20(1) + ndcg20(3)) / 2)
+
+
+FAKE_CELL = r'''
+import json, os, sys
+workdir, name = sys.argv[1], sys.argv[2]
+print('training', name)
+if name == 'id_s23':
+  sys.exit(3)
+os.makedirs(workdir, exist_ok=True)
+if name != 'id_s22':  # id_s22 exits 0 but writes nothing.
+  json.dump({'test': {'NDCG@20': 0.125}, 'wall_seconds': 1.0},
+            open(os.path.join(workdir, 'results.json'), 'w'))
+'''
+
+
+def test_runner_skips_finished_and_reports_failed_cells(tmp_path):
+  suite = experiments.make_suite('smoke', seeds=[22, 23])
+  results_dir = tmp_path / 'results'
+  finished = results_dir / 'smoke' / 'runs' / 'alphafuse_s22'
+  finished.mkdir(parents=True)
+  (finished / 'results.json').write_text(json.dumps({'test': {'NDCG@20': 0.25},
+                                                     'wall_seconds': 99.0}))
+  calls = []
+
+  def fake_command(cell, workdir):
+    calls.append(cell.name)
+    return [sys.executable, '-c', FAKE_CELL, str(workdir), cell.name]
+
+  out = io.StringIO()
+  outcomes = experiments.run_suite(
+      suite, str(results_dir), out=out,
+      runner=functools.partial(experiments.run_cell_subprocess, command=fake_command))
+  assert calls == ['alphafuse_s23', 'id_s22', 'id_s23']  # The finished cell never runs.
+  status = {o.cell.name: o.status for o in outcomes}
+  assert status == {'alphafuse_s22': 'skipped', 'alphafuse_s23': 'done', 'id_s22': 'failed',
+                    'id_s23': 'failed'}
+  text = out.getvalue()
+  assert '[1/4] alphafuse_s22: skipped  test NDCG@20 0.2500  wall 99 s' in text
+  assert 'alphafuse_s23: done  test NDCG@20 0.1250' in text
+  log = results_dir / 'smoke' / 'runs' / 'id_s23.log'
+  assert f'id_s23: failed  (exit status 3; see {log})' in text
+  assert 'exited 0 without' in text
+  assert text.rstrip().endswith('4 cells: 1 done, 1 skipped, 2 failed')
+  assert 'training id_s23' in log.read_text()  # The cell's output went to its log.
+  # Rerun: the cells that now have results.json are skipped, the failed ones run again.
+  calls.clear()
+  experiments.run_suite(suite, str(results_dir), out=io.StringIO(),
+                        runner=functools.partial(experiments.run_cell_subprocess,
+                                                 command=fake_command))
+  assert calls == ['id_s22', 'id_s23']
+
+
+def test_cell_commands_and_layout():
+  suite = experiments.make_suite('ml1m_sasrec')
+  assert [c.variant for c in suite.cells[::3]] == list(experiments.ML1M_PIPELINES)
+  assert suite.cells[-1].name == 'llmesr_s24'
+  cell = suite.cells[1]
+  assert experiments.cell_workdir(suite, cell, 'results') == pathlib.Path(
+      'results/ml1m_sasrec/runs/alphafuse_s23')
+  assert experiments.cell_log(suite, cell, 'results') == pathlib.Path(
+      'results/ml1m_sasrec/runs/alphafuse_s23.log')
+  argv = experiments.cell_command(cell, pathlib.Path('w'))
+  assert argv[1:3] == ['-m', 'alphafuse_jax.main'] and argv[3].endswith('configs/suite.py:alphafuse')
+  assert argv[4:] == ['--workdir=w', '--config.train.seed=23', '--config.progress_bar=false']
+  sweep = experiments.make_suite('null_dim_sweep')
+  by_name = {c.name: c for c in sweep.cells}
+  assert list(by_name) == ['alphafuse_null16_s22', 'alphafuse_null32_s22', 'alphafuse_null64_s22',
+                           'alphafuse_null96_s22']
+  assert by_name['alphafuse_null16_s22'].overrides == ('--config.embedding.null_dim=16',)
+  # null_dim 64 is configs/suite.py:alphafuse's own: the sweep reuses ml1m_sasrec's run.
+  assert experiments.cell_workdir(sweep, by_name['alphafuse_null64_s22'], 'results') == \
+      pathlib.Path('results/ml1m_sasrec/runs/alphafuse_s22')
+  with pytest.raises(experiments.SuiteError, match='not in suite'):
+    experiments.make_suite('ml1m_sasrec', variants=['dreamrec'])
+
+
+def test_bad_ranks_file_names_the_problem(tmp_path):
+  path = tmp_path / 'test_ranks.npz'
+  np.savez(path, rank=np.array([1, 2]), target=np.array([0, 12]), position=np.array([1, 2]))
+  with pytest.raises(experiments.SuiteError, match='targets outside 0..9'):
+    experiments.read_test_ranks(path, num_items=10)
+  np.savez(path, rank=np.array([1, 2]), target=np.array([0, 1]))
+  with pytest.raises(experiments.SuiteError, match="'position' missing"):
+    experiments.read_test_ranks(path)
+
+
+def test_spectrum_figure_marks_the_cuts(tmp_path):
+  config = experiments.load_config('configs/tiny.py')  # hidden 32, null_dim 16.
+  vectors = np.random.default_rng(0).normal(size=(80, 40)) * np.geomspace(1, 0.01, 40)
+  info = experiments.spectrum_figure(config, tmp_path / 'spectrum.png', embeddings=vectors)
+  assert info['kept_dim'] == 32 and info['id_dims'] == [16, 32]
+  assert (tmp_path / 'spectrum.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_cli_rejects_an_unknown_suite():
+  result = subprocess.run([sys.executable, '-m', 'alphafuse_jax.experiments', '--suite=nope'],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0 and "unknown suite 'nope'" in result.stderr
