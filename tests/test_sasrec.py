@@ -242,3 +242,23 @@ def test_bad_configuration_raises():
     _model('standard', num_blocks=0).init(jax.random.key(0), x, deterministic=True)
   with pytest.raises(ValueError, match=r'\[batch, 5\]'):
     _model('reference').init(jax.random.key(0), x[:, 1:], deterministic=True)
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.5])
+def test_dropout_rate_scaling_and_determinism(rate):
+  from alphafuse_jax.models import layers
+  x = jnp.ones((301, 333))  # An odd element count exercises the half-word split.
+  module = layers.Dropout(rate)
+  y = np.asarray(module.apply({}, x, deterministic=False, rngs={'dropout': jax.random.key(3)}))
+  q = round(rate * 65536) / 65536
+  dropped = float(np.mean(y == 0))
+  # Binomial(100233, q): 5 standard deviations.
+  assert abs(dropped - q) < 5 * math.sqrt(q * (1 - q) / y.size)
+  np.testing.assert_allclose(y[y != 0], 1.0 / (1.0 - q), rtol=1e-6)
+  assert abs(float(np.mean(y)) - 1.0) < 5 * math.sqrt(q / (1 - q) / y.size)
+  # Neighbouring elements are independent: the two halves of a word do not agree more than chance.
+  pairs = (y.reshape(-1)[:-1] == 0) & (y.reshape(-1)[1:] == 0)
+  assert abs(float(np.mean(pairs)) - q * q) < 6 * math.sqrt(q * q / pairs.size)
+  again = module.apply({}, x, deterministic=False, rngs={'dropout': jax.random.key(3)})
+  np.testing.assert_array_equal(np.asarray(again), y)
+  np.testing.assert_array_equal(np.asarray(module.apply({}, x, deterministic=True)), np.asarray(x))

@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -59,6 +60,34 @@ class TorchDense(nn.Module):
     if self.use_bias:
       y = y + self.param('bias', init, (self.features,))
     return y
+
+
+class Dropout(nn.Module):
+  """Inverted dropout whose mask costs half the random bits of `nn.Dropout`.
+
+  `nn.Dropout` draws one 32-bit word per element, and JAX's (partitionable) threefry spends a
+  whole threefry2x32 call on each; random bits were about 20% of the SASRec train step on CPU.
+  Here each 32-bit word gives two 16-bit draws, so an element is dropped with probability
+  q = round(rate * 2^16) / 2^16 (|q - rate| <= 7.7e-6) and kept values are scaled by 1 / (1 - q),
+  which keeps the expectation exact. Same interface as `nn.Dropout` ('dropout' rng stream).
+  """
+  rate: float
+  rng_collection: str = 'dropout'
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return inputs
+    threshold = int(round(self.rate * 65536))
+    if threshold >= 65536:
+      return jnp.zeros_like(inputs)
+    size = inputs.size
+    words = jax.random.bits(self.make_rng(self.rng_collection), ((size + 1) // 2,), jnp.uint32)
+    halves = jnp.concatenate([words & 0xFFFF, words >> 16])[:size].reshape(inputs.shape)
+    keep = halves >= threshold
+    # A multiply by a constant compiles identically in every program (a divide may be rewritten).
+    scale = np.asarray(65536.0 / (65536 - threshold), inputs.dtype)
+    return jnp.where(keep, inputs * scale, jnp.zeros_like(inputs))
 
 
 def attention_mask(pad_mask: Array) -> Array:
@@ -139,7 +168,7 @@ class ReferenceAttention(nn.Module):
       causal = jnp.arange(seq_len)[None, :] <= query_positions[:, None]
       mask = (causal & ~pad_mask)[:, None, None, :]
     out = masked_softmax_attention(q, k, v, mask, 1.0 / math.sqrt(hidden),
-                                   nn.Dropout(self.dropout_rate), deterministic)
+                                   Dropout(self.dropout_rate), deterministic)
     return _merge_heads(out) + queries
 
 
@@ -152,7 +181,7 @@ class ReferenceFeedForward(nn.Module):
     hidden = x.shape[-1]
     y = TorchDense(hidden, name='w_1')(x)
     y = TorchDense(hidden, name='w_2')(nn.relu(y))
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = Dropout(self.dropout_rate)(y, deterministic=deterministic)
     return layer_norm(name='layer_norm')(y + x)
 
 
@@ -208,7 +237,7 @@ class MultiHeadSelfAttention(nn.Module):
     k = _split_heads(TorchDense(hidden, name='key')(x), self.num_heads)
     v = _split_heads(TorchDense(hidden, name='value')(x), self.num_heads)
     out = masked_softmax_attention(q, k, v, attention_mask(pad_mask), 1.0 / math.sqrt(head_dim),
-                                   nn.Dropout(self.dropout_rate), deterministic)
+                                   Dropout(self.dropout_rate), deterministic)
     return TorchDense(hidden, name='out')(_merge_heads(out))
 
 
@@ -237,11 +266,11 @@ class StandardBlock(nn.Module):
     w_1, w_2 = TorchDense(hidden, name='w_1'), TorchDense(hidden, name='w_2')
 
     def ffn(y):
-      y = nn.Dropout(self.dropout_rate)(nn.relu(w_1(y)), deterministic=deterministic)
+      y = Dropout(self.dropout_rate)(nn.relu(w_1(y)), deterministic=deterministic)
       return w_2(y)
 
     def dropout(y):
-      return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+      return Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
     if self.pre_ln:
       x = x + dropout(attention(ln_1(x), pad_mask, deterministic=deterministic))

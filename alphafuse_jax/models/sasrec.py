@@ -83,7 +83,7 @@ class SASRec(nn.Module):
     # PyTorch nn.Embedding default: N(0, 1).
     self.position_embedding = nn.Embed(self.max_len, hidden,
                                        embedding_init=nn.initializers.normal(1.0))
-    self.embedding_dropout = nn.Dropout(self.dropout_rate)
+    self.embedding_dropout = layers.Dropout(self.dropout_rate)
     if self.block == 'reference':
       self.blocks = [layers.ReferenceBlock(self.num_heads, self.dropout_rate)
                      for _ in range(self.num_blocks)]
