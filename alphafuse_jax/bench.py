@@ -107,6 +107,8 @@ def _config(point: dict[str, Any]):
   config.embedding.hidden_dim = point['hidden']
   config.embedding.null_dim = point['hidden'] // 2
   config.train.batch_size = point['batch']
+  # The reference's loss (configs/reference_parity.py), whatever the default config trains with.
+  config.train.loss = 'infonce'
   config.train.num_negatives = point['negatives']
   config.eval.batch_size = point['eval_batch']
   config.data.max_len = point['max_len']
