@@ -34,6 +34,7 @@ from alphafuse_jax import losses as losses_lib
 from alphafuse_jax import metrics as metrics_lib
 from alphafuse_jax import parallel
 from alphafuse_jax.models import dreamrec as dreamrec_lib
+from alphafuse_jax.models import llmesr as llmesr_lib
 from alphafuse_jax.models import sasrec as sasrec_lib
 
 BACKBONES = ('sasrec', 'dreamrec')
@@ -128,6 +129,9 @@ def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDat
       item_counts=dataset.train_item_counts)
   if config.model.backbone == 'dreamrec':
     return dreamrec_lib.from_config(config, item_embedding, dataset.max_len)
+  if config.embedding.pipeline == 'llmesr':
+    # Dual-view LLM-ESR backbone (cross-attention fusion, shared encoder, self-distillation).
+    return llmesr_lib.from_config(config, item_embedding, dataset, language_embeddings)
   return sasrec_lib.SASRec(
       item_embedding=item_embedding, max_len=dataset.max_len, block=config.model.block,
       num_blocks=config.model.num_blocks, num_heads=config.model.num_heads,
@@ -189,7 +193,7 @@ def make_train_step(model, config: ml_collections.ConfigDict,
                        method=dreamrec_lib.DreamRec.loss)[0]
 
   def per_example(params, history, key):
-    method = sasrec_lib.SASRec.encode if per_position else sasrec_lib.SASRec.__call__
+    method = type(model).encode if per_position else type(model).__call__
     out = model.apply({'params': params}, history[None], deterministic=False, rngs=_rngs(key),
                       method=method)
     return out[0]
@@ -232,7 +236,15 @@ def make_train_step(model, config: ml_collections.ConfigDict,
       main = jnp.sum(per_row * weights) / global_count * num_devices
       aux = model.apply({'params': params}, deterministic=False, rngs=_rngs(table_key),
                         method=type(model).auxiliary_loss)
-      return main + config.embedding.aux_weight * aux
+      loss = main + config.embedding.aux_weight * aux
+      if hasattr(model, 'batch_auxiliary_loss'):
+        # LLM-ESR's weighted terms over THIS DEVICE's batch (the reference's are per batch): its
+        # contrastive term couples the rows, so it is not device-split invariant.
+        batch_key = jax.random.fold_in(table_key, jax.lax.axis_index(parallel.AXIS) + 1)
+        loss += model.apply({'params': params}, batch['history'], batch.get('user_id'), mask,
+                            deterministic=False, rngs=_rngs(batch_key),
+                            method=type(model).batch_auxiliary_loss)
+      return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grads = jax.lax.pmean(grads, parallel.AXIS)

@@ -116,6 +116,18 @@ def get_config() -> config_dict.ConfigDict:
   config.embedding.rlmrec_alignment = 'con'
   # LLM-ESR adapter middle width; None = d_l // 2 (the reference SASRec's).
   config.embedding.adapter_hidden_dim = config_dict.placeholder(int)
+  # LLM-ESR: True reproduces the AlphaFuse authors' bug (the ID path is fed the text view, so IDs
+  # are used only for scoring; reference-spec 2.3); False is the paper's dual view.
+  config.embedding.llmesr_bug_compatible = False
+  # LLM-ESR heads of the two cross-attention modules (2 in both references).
+  config.embedding.llmesr_cross_heads = 2
+  # LLM-ESR self-distillation weight alpha (the paper's 0.1; 0 = off, as in the AlphaFuse
+  # authors' baseline). The beta of its ID/text contrastive term is aux_weight.
+  config.embedding.llmesr_distill_weight = 0.1
+  # LLM-ESR distillation loss: 'kd' (MSE, the authors' scripts) or 'cl' (Contrastive_Loss2).
+  config.embedding.llmesr_distill_loss = 'kd'
+  # LLM-ESR similar train users per user (the teacher), by cosine of mean item language vectors.
+  config.embedding.llmesr_num_similar_users = 10
   # UniSRec MoE adaptor: number of experts and the expert input dropout.
   config.embedding.unisrec_num_experts = 8
   config.embedding.unisrec_dropout = 0.2
