@@ -91,6 +91,10 @@ def sweep_points(quick: bool) -> list[dict[str, Any]]:
       add(model=model, num_items=ML1M_ITEMS, max_len=10, devices=devices, train=True,
           eval='model')
   add(model='ranking', num_items=1_000_000, max_len=10, devices=1, train=False, eval='ranking')
+  # DreamRec sampling: AlphaFuse-DreamRec at h = d_l, 21-step guided DDIM, ranked over ML-1M.
+  for devices in (1, 2):
+    add(model='dreamrec', num_items=ML1M_ITEMS, max_len=10, devices=devices, train=False,
+        eval='model', hidden=LANGUAGE_DIM)
   return points
 
 
@@ -99,7 +103,17 @@ def _config(point: dict[str, Any]):
   """configs/default.py with the point's model, widths and batch sizes."""
   if _ROOT not in sys.path:  # configs/ is a top-level package of the repository.
     sys.path.insert(0, _ROOT)
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from configs import default, dreamrec  # pylint: disable=g-import-not-at-top
+  if point['model'] == 'dreamrec':
+    config = dreamrec.get_config('alphafuse')
+    config.embedding.hidden_dim = point['hidden']
+    # Random language vectors have no near-null directions for the 0.25 threshold: take the
+    # nullity it gives on ML-1M's MiniLM spectrum (111 of 384; configs/dreamrec.py) instead.
+    config.embedding.null_threshold = None
+    config.embedding.null_dim = 111
+    config.eval.batch_size = point['eval_batch']
+    config.data.max_len = point['max_len']
+    return config
   config = default.get_config()
   model = MODELS.get(point['model'], MODELS['reference'])
   config.model.block = model['block']
@@ -157,7 +171,6 @@ def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dic
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from alphafuse_jax import metrics, parallel, train  # pylint: disable=g-import-not-at-top
-  from alphafuse_jax.models import sasrec  # pylint: disable=g-import-not-at-top
 
   if jax.device_count() != point['devices']:
     raise RuntimeError(f'point wants {point["devices"]} devices, JAX has {jax.device_count()}.')
@@ -184,6 +197,7 @@ def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dic
     init_key, train_key = jax.random.split(jax.random.key(0))
     state = train.create_train_state(model, config, init_key)
     out['params'] = train.count_params(state.params)
+    params = None  # Set by the train measurement, else replicated from the initial state.
 
   if point['train']:
     batch_size = config.train.batch_size
@@ -232,11 +246,15 @@ def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dic
     if params is None:
       params = dp.replicate(state.params)
     table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
-                                          method=sasrec.SASRec.item_table))(params)
+                                          method=type(model).item_table))(params)
 
-    def eval_fn(params, table, batch):
-      states = model.apply({'params': params}, batch['history'], deterministic=True)
-      return metrics.target_ranks_chunked(states, table, batch['target'], chunk_size=chunk)
+    if point['model'] == 'dreamrec':
+      # train.py's eval step: generation (noise from a fixed key per row), then full ranking.
+      eval_fn = train.make_eval_step(model, jax.random.key(0))
+    else:
+      def eval_fn(params, table, batch):
+        states = model.apply({'params': params}, batch['history'], deterministic=True)
+        return metrics.target_ranks_chunked(states, table, batch['target'], chunk_size=chunk)
 
     forward = jax.jit(lambda p, h: model.apply({'params': p}, h, deterministic=True))
     forward_flops = _flops(forward.lower(
@@ -250,7 +268,7 @@ def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dic
   evaluate = dp.map(eval_fn, ('replicated', 'replicated', 'sharded'), 'sharded')
   history, target = _synthetic_history(rng, eval_batch, num_items, max_len)
   local = dp.num_local_devices
-  host = {'history': history, 'target': target}
+  host = {'history': history, 'target': target, 'index': np.arange(eval_batch, dtype=np.int32)}
   if model is None:
     host = {'states': rng.normal(size=(eval_batch, hidden)).astype(np.float32),
             'target': target}
@@ -269,6 +287,12 @@ def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dic
   out['eval_batch_s'] = statistics.median(times)
   out['eval_examples_per_s'] = eval_batch / out['eval_batch_s']
   out['eval_flops'] = 2.0 * eval_batch * num_items * hidden + forward_flops
+  if point['model'] == 'dreamrec':
+    # The sampler's fori_loop body is counted once by XLA: add its denoiser calls analytically.
+    # Per row and call: timestep MLP 2 * (256 h + h^2) + Linear(3h -> h) 2 * 3h * h.
+    steps = config.diffusion.timesteps // config.diffusion.sampling_stride + 1  # 21
+    calls = 2 * steps  # Guided: a conditional and an unconditional row per step.
+    out['eval_flops'] += eval_batch * calls * (8.0 * hidden ** 2 + 512.0 * hidden)
   out['eval_flop_per_s'] = out['eval_flops'] / out['eval_batch_s']
 
   peak_device = _peak_bytes(jax.local_devices())
