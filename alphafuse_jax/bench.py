@@ -126,6 +126,8 @@ def _config(point: dict[str, Any]):
   config.train.num_negatives = point['negatives']
   config.eval.batch_size = point['eval_batch']
   config.data.max_len = point['max_len']
+  if 'dropout_rate' in point:  # benchmarks/step_breakdown.py: the step without dropout.
+    config.model.dropout_rate = point['dropout_rate']
   return config
 
 
