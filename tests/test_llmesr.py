@@ -18,6 +18,7 @@ import pytest
 from alphafuse_jax import embeddings as emb
 from alphafuse_jax import train as train_lib
 from alphafuse_jax.models import llmesr
+from tests.test_embeddings import numpy_contrastive_loss2
 from configs import tiny
 
 N, D_L, H, ADAPTER, L = 12, 8, 4, 6, 5
@@ -134,22 +135,6 @@ def test_cross_attention_matches_numpy_and_ignores_padded_keys():
   y2 = y.copy()
   y2[0, :2] = 100.0 * rng.normal(size=(2, 6))
   np.testing.assert_array_equal(module.apply({'params': params}, x, y2, pad), out)
-
-
-def numpy_contrastive_loss2(x, y, tau=1.0):
-  """The authors' Contrastive_Loss2 in float64."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-
-  def log_softmax(a):
-    a = a - a.max(axis=1, keepdims=True)
-    return a - np.log(np.exp(a).sum(axis=1, keepdims=True))
-
-  logits = x @ y.T / tau
-  sim = (y @ y.T + x @ x.T) / 2 * tau
-  targets = np.exp(log_softmax(sim))
-  x_loss = -(targets * log_softmax(logits)).sum(1)
-  y_loss = -(targets.T * log_softmax(logits.T)).sum(1)
-  return ((x_loss + y_loss) / 2).mean()
 
 
 def test_item_contrastive_term_matches_numpy():

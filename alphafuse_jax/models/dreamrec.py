@@ -80,7 +80,7 @@ class Denoiser(nn.Module):
     return layers.TorchDense(self.features, name='mlp_2')(y)
 
 
-class DreamRec(nn.Module):
+class DreamRec(layers.ItemScoringBackbone):
   """DreamRec over an item-embedding submodule.
 
   Attributes:
@@ -214,23 +214,6 @@ class DreamRec(nn.Module):
       return diffusion.ddpm_sample(self.denoise, cond, self.none_embedding, key, self.schedule,
                                    w=w)
     raise ValueError(f'Unknown sampler {sampler!r}; use one of {diffusion.SAMPLERS}.')
-
-  def item_table(self, *, deterministic: bool = True) -> Array:
-    """The N real items' embeddings [N, h] used for scoring."""
-    return self.item_embedding.table(deterministic=deterministic)
-
-  def embed_items(self, ids: Array, *, deterministic: bool) -> Array:
-    """Item embeddings [..., h] for ids [...]."""
-    return self.item_embedding(ids, deterministic=deterministic)
-
-  def auxiliary_loss(self, *, deterministic: bool) -> Array:
-    """The item embedding's own extra loss (0 for plain tables). The reference's DreamRec script
-    never adds it (reference-spec 7 #17); the caller decides."""
-    return self.item_embedding.auxiliary_loss(deterministic=deterministic)
-
-  def score(self, generated: Array, *, deterministic: bool = True) -> Array:
-    """Dot-product scores [B, N] of generated embeddings [B, h] against every real item."""
-    return jnp.matmul(generated, self.item_table(deterministic=deterministic).T)
 
 
 def from_config(config, item_embedding: nn.Module, max_len: int) -> DreamRec:

@@ -90,6 +90,34 @@ class Dropout(nn.Module):
     return jnp.where(keep, inputs * scale, jnp.zeros_like(inputs))
 
 
+class ItemScoringBackbone(nn.Module):
+  """The scoring interface shared by the backbones (SASRec, LLM-ESR, DreamRec).
+
+  A subclass has an `item_embedding` field (an `embeddings` module); its user states (or
+  generated embeddings) are scored by dot product against that module's table of the N real items.
+  """
+
+  def item_table(self, *, deterministic: bool = True) -> Array:
+    """The N real items' embeddings [N, d] used for scoring."""
+    return self.item_embedding.table(deterministic=deterministic)
+
+  def embed_items(self, ids: Array, *, deterministic: bool) -> Array:
+    """Item embeddings [..., d] for ids [...] (targets and negatives of the sampled losses)."""
+    return self.item_embedding(ids, deterministic=deterministic)
+
+  def auxiliary_loss(self, *, deterministic: bool) -> Array:
+    """The item embedding's own extra loss (e.g. RLMRec's reconstruction; 0 for plain tables).
+
+    Whether a backbone adds it is the caller's choice: the reference's DreamRec script never does
+    (reference-spec 7 #17), and LLM-ESR's terms need the batch (`LLMESR.batch_auxiliary_loss`).
+    """
+    return self.item_embedding.auxiliary_loss(deterministic=deterministic)
+
+  def score(self, states: Array, *, deterministic: bool = True) -> Array:
+    """Dot-product scores [batch, N] of states [batch, d] against every real item."""
+    return jnp.matmul(states, self.item_table(deterministic=deterministic).T)
+
+
 def attention_mask(pad_mask: Array) -> Array:
   """Allowed (query i, key j) pairs: causal (j <= i) and key j not padding.
 

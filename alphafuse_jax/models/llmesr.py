@@ -133,7 +133,7 @@ def mse(x: Array, y: Array, weights: Array) -> Array:
   return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-class LLMESR(nn.Module):
+class LLMESR(layers.ItemScoringBackbone):
   """The LLM-ESR backbone over an `LLMESREmbedding`, with SASRec's public methods.
 
   Attributes:
@@ -262,23 +262,6 @@ class LLMESR(nn.Module):
     """User states [batch, 2h] = concat(id_h, text_h) at the last non-pad position."""
     last = sasrec_lib.last_nonpad_index(history == self.num_items)
     return self._encode(history, deterministic, query_positions=last)[:, 0]
-
-  # ---- scoring (SASRec's interface) ------------------------------------------------------------
-  def item_table(self, *, deterministic: bool = True) -> Array:
-    """The N real items' embeddings [N, 2h] = concat(ID, adapter(language))."""
-    return self.item_embedding.table(deterministic=deterministic)
-
-  def embed_items(self, ids: Array, *, deterministic: bool) -> Array:
-    """Item embeddings [..., 2h] for ids [...]."""
-    return self.item_embedding(ids, deterministic=deterministic)
-
-  def auxiliary_loss(self, *, deterministic: bool) -> Array:
-    """Batch-free auxiliary loss: 0 (LLM-ESR's terms need the batch: `batch_auxiliary_loss`)."""
-    return self.item_embedding.auxiliary_loss(deterministic=deterministic)
-
-  def score(self, states: Array, *, deterministic: bool = True) -> Array:
-    """Dot-product scores [batch, N] of user states [batch, 2h] against every real item."""
-    return jnp.matmul(states, self.item_table(deterministic=deterministic).T)
 
   # ---- the batch-level auxiliary terms ---------------------------------------------------------
   def item_contrastive_loss(self, history: Array, row_mask: Array) -> Array:

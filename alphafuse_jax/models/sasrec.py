@@ -46,7 +46,7 @@ def last_nonpad_index(pad_mask: Array) -> Array:
   return jnp.where(last < 0, seq_len - 1, last).astype(jnp.int32)
 
 
-class SASRec(nn.Module):
+class SASRec(layers.ItemScoringBackbone):
   """SASRec backbone over an item-embedding submodule.
 
   Attributes:
@@ -144,19 +144,3 @@ class SASRec(nn.Module):
       return self._encode(history, deterministic=deterministic, query_positions=last)[:, 0]
     states = self.encode(history, deterministic=deterministic)
     return jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
-
-  def item_table(self, *, deterministic: bool = True) -> Array:
-    """The N real items' embeddings [N, h] used for scoring."""
-    return self.item_embedding.table(deterministic=deterministic)
-
-  def embed_items(self, ids: Array, *, deterministic: bool) -> Array:
-    """Item embeddings [..., h] for ids [...] (targets and negatives of the sampled losses)."""
-    return self.item_embedding(ids, deterministic=deterministic)
-
-  def auxiliary_loss(self, *, deterministic: bool) -> Array:
-    """The item embedding's own extra loss (e.g. RLMRec reconstruction); 0 for plain tables."""
-    return self.item_embedding.auxiliary_loss(deterministic=deterministic)
-
-  def score(self, states: Array, *, deterministic: bool = True) -> Array:
-    """Dot-product scores [batch, N] of user states [batch, h] against every real item."""
-    return jnp.matmul(states, self.item_table(deterministic=deterministic).T)
