@@ -27,8 +27,13 @@ def test_full_sweep_covers_the_issue():
         10, 50, 200}
     assert {p['devices'] for p in mine if p['max_len'] == 10 and p['num_items'] == 3706} == {
         1, 2, 8}
-  # The reference configuration of configs/default.py.
-  assert all(p['hidden'] == 128 and p['batch'] == 256 and p['negatives'] == 64 for p in points)
+  # The reference configuration of configs/default.py for every SASRec and ranking point.
+  sasrec = [p for p in points if p['model'] != 'dreamrec']
+  assert all(p['hidden'] == 128 and p['batch'] == 256 and p['negatives'] == 64 for p in sasrec)
+  # DreamRec: sampling only (no train step), at h = d_l of MiniLM, on ML-1M's catalogue.
+  dream = [p for p in points if p['model'] == 'dreamrec']
+  assert {p['devices'] for p in dream} == {1, 2}
+  assert all(p['hidden'] == 384 and p['num_items'] == 3706 and not p['train'] for p in dream)
   # 10^6 items: evaluation of the ranking only, never a train step.
   million = [p for p in points if p['num_items'] == 1_000_000]
   assert million and not any(p['train'] for p in million)
