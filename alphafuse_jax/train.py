@@ -533,6 +533,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if restored is not None:
     state, progress = restored
     logging.info('resuming from step %d (epoch %d)', int(state.step), progress.epochs_done)
+    if (progress.finished and progress.epochs_done < config.train.num_epochs
+        and progress.evals_since_best < config.train.patience):
+      # A run that ended at its epoch limit, restarted with a higher one, trains on (one that
+      # stopped early on patience stays finished).
+      progress.finished = False
+      logging.info('extending a finished run from %d to %d epochs', progress.epochs_done,
+                   config.train.num_epochs)
   # Process 0 alone owns metrics.jsonl (the workdir is shared by all processes).
   if restored is not None and jax.process_index() == 0:
     _truncate_jsonl(metrics_path, int(state.step))

@@ -123,6 +123,20 @@ def test_end_to_end_writes_results_and_resumes_finished_run(synthetic, tmp_path)
   assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 3
 
 
+def test_finished_run_extended_with_more_epochs_equals_a_longer_run(synthetic, tmp_path):
+  config = make_config(dict(synthetic, **{'train.num_epochs': 3}))
+  straight = train_lib.train_and_evaluate(config, str(tmp_path / 'straight'))
+  short = make_config(dict(synthetic, **{'train.num_epochs': 2}))
+  first = train_lib.train_and_evaluate(short, str(tmp_path / 'extended'))
+  assert first['epochs'] == 2
+  extended = train_lib.train_and_evaluate(config, str(tmp_path / 'extended'))
+  assert extended['epochs'] == 3
+  assert extended['val'] == straight['val'] and extended['test'] == straight['test']
+  assert extended['best_epoch'] == straight['best_epoch']
+  lines = (tmp_path / 'extended' / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(l)['epoch'] for l in lines] == [1, 2, 3]
+
+
 def test_sampled_metrics_are_opt_in_and_labelled(synthetic, tmp_path):
   config = make_config(dict(synthetic, **{'train.num_epochs': 1, 'eval.sampled_negatives': 10}))
   results = train_lib.train_and_evaluate(config, str(tmp_path))
