@@ -1,6 +1,6 @@
 """DreamRec (guided diffusion) on MovieLens-1M cold-start users; the item pipeline is the argument.
 
-Commands (once train.py builds config.model.backbone == 'dreamrec'):
+Commands:
   python -m alphafuse_jax.main --config=configs/dreamrec.py:alphafuse --workdir=workdirs/dream_af
   python -m alphafuse_jax.main --config=configs/dreamrec.py:id --workdir=workdirs/dream_id
   python -m alphafuse_jax.main --config=configs/dreamrec.py:idreamrec --workdir=workdirs/dream_idr
