@@ -41,6 +41,10 @@ def get_config(pipeline: str = 'alphafuse') -> config_dict.ConfigDict:
   # table of the other pipelines starts N(0, 1), the reference's --ID_embs_init_type default (a
   # pure ID table from zeros does not learn). LLMInit and LLM-ESR initialise theirs from text.
   config.embedding.id_init = 'zeros' if pipeline == 'alphafuse' else 'normal'
+  if pipeline == 'whitenrec':
+    # WhitenRec whitens all d_l = 384 MiniLM directions, three of which have numerically-zero
+    # eigenvalues on ML-1M: clamp them as configs/dreamrec.py does (derivation there).
+    config.embedding.eigenvalue_floor = 1e-3
   if pipeline == 'llmesr':
     # The AlphaFuse authors' LLMESR baseline (dual view, cross-attention, item contrastive term),
     # with their text-into-ID-view bug fixed, and without LLM-ESR's self-distillation: in this
