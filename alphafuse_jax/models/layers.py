@@ -307,3 +307,34 @@ class StandardBlock(nn.Module):
       x = ln_1(x + dropout(attention(x, pad_mask, deterministic=deterministic)))
       x = ln_2(x + dropout(ffn(x)))
     return x * keep
+
+
+# ---- the encoder stack shared by SASRec and LLM-ESR ----------------------------------------------
+def encoder_blocks(block: str, num_blocks: int, num_heads: int, dropout_rate: float,
+                   pre_ln: bool) -> tuple[list[nn.Module], nn.Module | None]:
+  """The blocks of an encoder and its final LayerNorm (standard pre-LN only, else None).
+
+  Call it in `setup` and assign both to attributes (`blocks`, `final_ln`) so their parameters
+  are named `blocks_<i>` and `final_ln`.
+  """
+  if block == 'reference':
+    return [ReferenceBlock(num_heads, dropout_rate) for _ in range(num_blocks)], None
+  blocks = [StandardBlock(num_heads, dropout_rate, pre_ln) for _ in range(num_blocks)]
+  return blocks, layer_norm() if pre_ln else None
+
+
+def run_encoder(blocks, final_ln: nn.Module | None, x: Array, pad_mask: Array, *,
+                deterministic: bool, query_positions: Array | None = None) -> Array:
+  """x [B, L, h] through the blocks, padding rows re-zeroed before each block.
+
+  With `query_positions` [B] (reference blocks) the last block computes those positions only and
+  the result is [B, 1, h]; otherwise [B, L, h].
+  """
+  keep = (~pad_mask)[..., None].astype(x.dtype)
+  for i, block in enumerate(blocks):
+    x = x * keep  # Reference blocks end in LN3, whose padding rows hold its bias.
+    if query_positions is not None and i == len(blocks) - 1:
+      x = block(x, pad_mask, deterministic=deterministic, query_positions=query_positions)
+    else:
+      x = block(x, pad_mask, deterministic=deterministic)
+  return x if final_ln is None else final_ln(x)

@@ -191,14 +191,8 @@ class LLMESR(layers.ItemScoringBackbone):
     self.language_to_id = embeddings_lib.LLMESRCrossAttention(hidden, self.cross_heads)
     self.id_to_language = embeddings_lib.LLMESRCrossAttention(hidden, self.cross_heads)
     # The shared encoder: the same blocks (same parameters) run over both fused views.
-    if self.block == 'reference':
-      self.blocks = [layers.ReferenceBlock(self.num_heads, self.dropout_rate)
-                     for _ in range(self.num_blocks)]
-    else:
-      self.blocks = [layers.StandardBlock(self.num_heads, self.dropout_rate, self.pre_ln)
-                     for _ in range(self.num_blocks)]
-      if self.pre_ln:
-        self.final_ln = layers.layer_norm()
+    self.blocks, self.final_ln = layers.encoder_blocks(
+        self.block, self.num_blocks, self.num_heads, self.dropout_rate, self.pre_ln)
 
   @property
   def num_items(self) -> int:
@@ -230,19 +224,11 @@ class LLMESR(layers.ItemScoringBackbone):
   def _encode_view(self, x: Array, pad_mask: Array, deterministic: bool,
                    query_positions: Array | None) -> Array:
     """The shared encoder over one fused view: [B, L, h] -> [B, L, h] (or [B, 1, h])."""
-    keep = (~pad_mask)[..., None].astype(x.dtype)
-    x = x * keep
-    for i, block in enumerate(self.blocks):
-      if i > 0:
-        x = x * keep  # Reference blocks end in LN3, non-zero at padding rows.
-      last = i == len(self.blocks) - 1
-      if self.block == 'reference' and last and query_positions is not None:
-        x = block(x, pad_mask, deterministic=deterministic, query_positions=query_positions)
-      else:
-        x = block(x, pad_mask, deterministic=deterministic)
-    if self.block == 'standard' and self.pre_ln:
-      x = self.final_ln(x)
-    if self.block == 'standard' and query_positions is not None:
+    if self.block == 'reference':
+      return layers.run_encoder(self.blocks, self.final_ln, x, pad_mask,
+                                deterministic=deterministic, query_positions=query_positions)
+    x = layers.run_encoder(self.blocks, self.final_ln, x, pad_mask, deterministic=deterministic)
+    if query_positions is not None:
       x = jnp.take_along_axis(x, query_positions[:, None, None], axis=1)
     return x
 

@@ -84,14 +84,8 @@ class SASRec(layers.ItemScoringBackbone):
     self.position_embedding = nn.Embed(self.max_len, hidden,
                                        embedding_init=nn.initializers.normal(1.0))
     self.embedding_dropout = layers.Dropout(self.dropout_rate)
-    if self.block == 'reference':
-      self.blocks = [layers.ReferenceBlock(self.num_heads, self.dropout_rate)
-                     for _ in range(self.num_blocks)]
-    else:
-      self.blocks = [layers.StandardBlock(self.num_heads, self.dropout_rate, self.pre_ln)
-                     for _ in range(self.num_blocks)]
-      if self.pre_ln:
-        self.final_ln = layers.layer_norm()
+    self.blocks, self.final_ln = layers.encoder_blocks(
+        self.block, self.num_blocks, self.num_heads, self.dropout_rate, self.pre_ln)
 
   @property
   def num_items(self) -> int:
@@ -114,24 +108,13 @@ class SASRec(layers.ItemScoringBackbone):
       raise ValueError(f'SASRec expects history of shape [batch, {self.max_len}] '
                        f'(config.data.max_len), got {history.shape}.')
     pad_mask = history == self.num_items
-    keep = (~pad_mask)[..., None]
     x = self.item_embedding(history, deterministic=deterministic)
     if self.block == 'standard':
       x = x * math.sqrt(x.shape[-1])
     x = x + self.position_embedding(jnp.arange(self.max_len))[None]
     x = self.embedding_dropout(x, deterministic=deterministic)
-    x = x * keep.astype(x.dtype)
-    for i, block in enumerate(self.blocks):
-      if i > 0:
-        # Stacked reference blocks end in LN3, whose padding rows hold its bias: re-zero them.
-        x = x * keep.astype(x.dtype)
-      if query_positions is not None and i == len(self.blocks) - 1:
-        x = block(x, pad_mask, deterministic=deterministic, query_positions=query_positions)
-      else:
-        x = block(x, pad_mask, deterministic=deterministic)
-    if self.block == 'standard' and self.pre_ln:
-      x = self.final_ln(x)
-    return x
+    return layers.run_encoder(self.blocks, self.final_ln, x, pad_mask,
+                              deterministic=deterministic, query_positions=query_positions)
 
   def __call__(self, history: Array, *, deterministic: bool) -> Array:
     """User states [batch, h]: the hidden state at the last non-pad position (L-1 if none).
