@@ -371,6 +371,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   ok = [r for r in results if 'error' not in r]
   models = sorted({r['model'] for r in ok})
   base_len = min((r['max_len'] for r in ok), default=10)
@@ -397,6 +398,10 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
         ax.plot([r[x_key] for r in rows], [r[y_key] for r in rows], '-o', ms=4, label=model)
     ax.set_xscale('log')
     ax.set_yscale('log')
+    if x_key == 'devices':  # Few integer values: label them plainly (1, 2, 8), not as 2x10^0.
+      ticks = sorted({x for line in ax.lines for x in line.get_xdata()})
+      ax.set_xticks(ticks, [str(int(t)) for t in ticks])
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.grid(True, which='both', alpha=0.3)
