@@ -205,6 +205,16 @@ def test_retrieval_matches_brute_force():
                                   num_items=num_items, num_similar=6)
 
 
+def test_bad_encoder_configuration_raises():
+  # The encoder checks shared with SASRec (layers.encoder_blocks) also guard LLM-ESR.
+  for kwargs, message in (({'block': 'transformer'}, 'block style'),
+                          ({'block': 'standard', 'num_blocks': 0}, 'num_blocks'),
+                          ({'dropout_rate': 1.0}, 'dropout_rate'),
+                          ({'num_heads': 3}, 'num_heads=3 must divide')):
+    with pytest.raises(ValueError, match=message):
+      init(make_model(**kwargs))
+
+
 @pytest.mark.parametrize('loss', ['kd', 'cl'])
 def test_distillation_matches_numpy(loss):
   similar = np.array([[1, 2], [0, 2], [0, 1]], np.int32)

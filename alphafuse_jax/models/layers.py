@@ -310,13 +310,24 @@ class StandardBlock(nn.Module):
 
 
 # ---- the encoder stack shared by SASRec and LLM-ESR ----------------------------------------------
+BLOCK_STYLES = ('reference', 'standard')
+
+
 def encoder_blocks(block: str, num_blocks: int, num_heads: int, dropout_rate: float,
                    pre_ln: bool) -> tuple[list[nn.Module], nn.Module | None]:
   """The blocks of an encoder and its final LayerNorm (standard pre-LN only, else None).
 
   Call it in `setup` and assign both to attributes (`blocks`, `final_ln`) so their parameters
-  are named `blocks_<i>` and `final_ln`.
+  are named `blocks_<i>` and `final_ln`. Checks the style, block count and dropout rate for both
+  backbones (the head count depends on each backbone's width, so each checks it).
   """
+  if block not in BLOCK_STYLES:
+    raise ValueError(f'Unknown encoder block style {block!r} (config.model.block); '
+                     f'use one of {BLOCK_STYLES}.')
+  if num_blocks < 1:
+    raise ValueError(f'config.model.num_blocks must be >= 1, got {num_blocks}.')
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f'config.model.dropout_rate must be in [0, 1), got {dropout_rate}.')
   if block == 'reference':
     return [ReferenceBlock(num_heads, dropout_rate) for _ in range(num_blocks)], None
   blocks = [StandardBlock(num_heads, dropout_rate, pre_ln) for _ in range(num_blocks)]

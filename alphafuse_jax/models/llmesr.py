@@ -166,18 +166,11 @@ class LLMESR(layers.ItemScoringBackbone):
       raise ValueError('The LLM-ESR backbone needs config.embedding.pipeline=\'llmesr\', got '
                        f'{type(self.item_embedding).__name__}.')
     hidden = self.item_embedding.hidden_dim
-    if self.block not in sasrec_lib.BLOCK_STYLES:
-      raise ValueError(f'Unknown block style {self.block!r} (config.model.block); use one of '
-                       f'{sasrec_lib.BLOCK_STYLES}.')
-    if self.num_blocks < 1:
-      raise ValueError(f'config.model.num_blocks must be >= 1, got {self.num_blocks}.')
     for name, heads in (('config.model.num_heads', self.num_heads), ('cross_heads',
                                                                       self.cross_heads)):
       if heads < 1 or hidden % heads:
         raise ValueError(f'{name}={heads} must divide the view width '
                          f'config.embedding.hidden_dim={hidden}.')
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f'config.model.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
     if self.distill_loss not in DISTILL_LOSSES:
       raise ValueError(f'config.embedding.llmesr_distill_loss={self.distill_loss!r} is not one of '
                        f'{DISTILL_LOSSES}.')

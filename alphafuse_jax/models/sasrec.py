@@ -26,7 +26,7 @@ from alphafuse_jax.models import layers
 
 Array = jax.Array
 
-BLOCK_STYLES = ('reference', 'standard')
+BLOCK_STYLES = layers.BLOCK_STYLES
 
 
 def last_nonpad_index(pad_mask: Array) -> Array:
@@ -68,16 +68,9 @@ class SASRec(layers.ItemScoringBackbone):
 
   def setup(self):
     hidden = self.item_embedding.features
-    if self.block not in BLOCK_STYLES:
-      raise ValueError(f'Unknown SASRec block style {self.block!r} (config.model.block); '
-                       f'use one of {BLOCK_STYLES}.')
-    if self.num_blocks < 1:
-      raise ValueError(f'config.model.num_blocks must be >= 1, got {self.num_blocks}.')
     if self.num_heads < 1 or hidden % self.num_heads:
       raise ValueError(f'Hidden width {hidden} (the item embedding features) is not divisible by '
                        f'config.model.num_heads={self.num_heads}; pick a divisor of {hidden}.')
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f'config.model.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
     if self.max_len < 1:
       raise ValueError(f'max_len (config.data.max_len) must be >= 1, got {self.max_len}.')
     # PyTorch nn.Embedding default: N(0, 1).
