@@ -242,6 +242,30 @@ def test_cell_commands_and_layout():
     experiments.make_suite('ml1m_sasrec', variants=['dreamrec'])
 
 
+def test_cell_environment_defaults(tmp_path, monkeypatch):
+  suite = experiments.make_suite('ml1m_sasrec', seeds=[22], variants=['alphafuse', 'unisrec'])
+  by_name = {c.name: c for c in suite.cells}
+  assert by_name['unisrec_s22'].env == (('ALPHAFUSE_CPU_DEVICES', '1'),)
+  assert by_name['alphafuse_s22'].env == ()
+
+  def print_env(cell, workdir):
+    return [sys.executable, '-c',
+            'import os; print("devices=" + os.environ.get("ALPHAFUSE_CPU_DEVICES", "unset"))']
+
+  def run(cell):
+    log = tmp_path / f'{cell.name}_{len(list(tmp_path.iterdir()))}.log'
+    assert experiments.run_cell_subprocess(cell, tmp_path, log, command=print_env) == 0
+    return log.read_text()
+
+  monkeypatch.delenv('ALPHAFUSE_CPU_DEVICES', raising=False)
+  text = run(by_name['unisrec_s22'])
+  assert 'devices=1' in text and text.startswith('# ') and ' ALPHAFUSE_CPU_DEVICES=1 ' in text
+  assert 'devices=unset' in run(by_name['alphafuse_s22'])
+  monkeypatch.setenv('ALPHAFUSE_CPU_DEVICES', '4')  # The caller's setting wins.
+  text = run(by_name['unisrec_s22'])
+  assert 'devices=4' in text and 'ALPHAFUSE_CPU_DEVICES=1' not in text
+
+
 def test_bad_ranks_file_names_the_problem(tmp_path):
   path = tmp_path / 'test_ranks.npz'
   np.savez(path, rank=np.array([1, 2]), target=np.array([0, 12]), position=np.array([1, 2]))
