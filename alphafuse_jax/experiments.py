@@ -824,7 +824,13 @@ def render_readme(suite: Suite, summary: Mapping[str, Any]) -> str:
            '`utils/utils.py:metric_len_report`) at its default `--ts_user=10` (main.py; its '
            'per-dataset scripts use 12, 3 and 9). 10 is also our history window `max_len`, so '
            'counting the items before the target or the non-pad items of the model input gives '
-           'the same split.', '']
+           'the same split.']
+  env = sorted({f'`{k}={v}`': None for c in suite.cells for k, v in c.env})
+  if env:
+    rows = sorted({c.variant for c in suite.cells if c.env})
+    lines.append(f'- Cell environment defaults (a variable set by the caller wins): {", ".join(env)} '
+                 f'for {", ".join(rows)} (see `CELL_ENV` in alphafuse_jax/experiments.py).')
+  lines.append('')
   missing = summary['not_finished']
   lines += ['## Missing or unfinished runs', '']
   if missing:

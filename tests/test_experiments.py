@@ -3,6 +3,7 @@
 Everything runs on fabricated results directories and a fake cell command: nothing trains.
 """
 
+import dataclasses
 import functools
 import io
 import json
@@ -264,6 +265,15 @@ def test_cell_environment_defaults(tmp_path, monkeypatch):
   monkeypatch.setenv('ALPHAFUSE_CPU_DEVICES', '4')  # The caller's setting wins.
   text = run(by_name['unisrec_s22'])
   assert 'devices=4' in text and 'ALPHAFUSE_CPU_DEVICES=1' not in text
+
+
+def test_report_states_cell_environment(report):
+  suite, summary, _ = report
+  assert 'environment defaults' not in experiments.render_readme(suite, summary)
+  cells = tuple(dataclasses.replace(c, env=(('ALPHAFUSE_CPU_DEVICES', '1'),))
+                if c.variant == 'id' else c for c in suite.cells)
+  text = experiments.render_readme(dataclasses.replace(suite, cells=cells), summary)
+  assert '`ALPHAFUSE_CPU_DEVICES=1` for id (see `CELL_ENV`' in text
 
 
 def test_bad_ranks_file_names_the_problem(tmp_path):
