@@ -8,8 +8,9 @@ One cell by hand:
 The default config's settings (shuffled batches, full-softmax CE, lr 1e-3, batch 256, hidden 128,
 one reference block) for every pipeline, so the pipelines differ only in their item embeddings,
 at a CPU budget of 3 epochs per cell: about 2-4 minutes each on this 2-core machine for AlphaFuse,
-ID, LLMInit, MoRec, WhitenRec and RLMRec, but about 26 minutes for LLM-ESR and about 55 for UniSRec
-(measured 2026-11-29). At 3 epochs every model is still improving (the default AlphaFuse run reaches val
+ID, LLMInit, MoRec, WhitenRec and RLMRec, but about 21-26 minutes for LLM-ESR and about 30 for UniSRec
+(0.186 s a step on one host device, which the suite picks for its cells: CELL_ENV in
+alphafuse_jax/experiments.py), so about 3.5 hours for the 24 cells (measured 2026-11-29). At 3 epochs every model is still improving (the default AlphaFuse run reaches val
 NDCG@20 0.113 at epoch 3 and 0.136 at epoch 6): the suite compares pipelines at equal budget,
 not at convergence.
 
