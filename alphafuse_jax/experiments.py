@@ -623,6 +623,10 @@ def _save_figure(fig, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+# Line styles cycle with the colours so that rows with equal numbers (RLMRec and SASRec-ID) both show.
+_LINESTYLES = ('-', '--', ':', '-.')
+
+
 def plot_learning_curves(suite: Suite, cells: Sequence[CellReport], path: pathlib.Path) -> bool:
   """Val NDCG@20 by epoch, mean over finished seeds, one line per variant."""
   plt = _pyplot()
@@ -635,13 +639,14 @@ def plot_learning_curves(suite: Suite, cells: Sequence[CellReport], path: pathli
       continue
     epochs = sorted(set().union(*curves))
     means = [np.mean([c[e] for c in curves if e in c]) for e in epochs]
-    ax.plot(epochs, means, marker='o', ms=3, color=f'C{i % 10}',
+    ax.plot(epochs, means, marker='o', ms=3, color=f'C{i % 10}', linestyle=_LINESTYLES[i % 4],
             label=f'{variant} ({len(curves)} seed{"s" if len(curves) > 1 else ""})')
     drawn = True
   if not drawn:
     plt.close(fig)
     return False
   ax.set_xlabel('epoch')
+  ax.xaxis.get_major_locator().set_params(integer=True)  # Epochs are whole numbers.
   ax.set_ylabel('val NDCG@20 (mean over seeds)')
   ax.set_title(f'{suite.name}: learning curves')
   ax.legend(fontsize=8)
@@ -660,7 +665,7 @@ def plot_deciles(suite: Suite, decile_table: Mapping[str, Any], path: pathlib.Pa
   for i, variant in enumerate(suite.variants):
     if variant in decile_table:
       mean = np.asarray([np.nan if v is None else v for v in decile_table[variant]['mean']])
-      ax.plot(x, mean, marker='o', ms=3, color=f'C{i % 10}',
+      ax.plot(x, mean, marker='o', ms=3, color=f'C{i % 10}', linestyle=_LINESTYLES[i % 4],
               label=f'{variant} ({decile_table[variant]["n"]} seeds)')
   ax.set_xticks(x)
   ax.set_xlabel('item-popularity decile of the target in train (1 = least popular)')
