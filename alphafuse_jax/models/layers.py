@@ -338,14 +338,19 @@ def run_encoder(blocks, final_ln: nn.Module | None, x: Array, pad_mask: Array, *
                 deterministic: bool, query_positions: Array | None = None) -> Array:
   """x [B, L, h] through the blocks, padding rows re-zeroed before each block.
 
-  With `query_positions` [B] (reference blocks) the last block computes those positions only and
-  the result is [B, 1, h]; otherwise [B, L, h].
+  With `query_positions` [B] the result is [B, 1, h], the states at those positions; otherwise
+  [B, L, h]. A reference last block computes those positions only (about half its work); a standard
+  one computes every position and the states are gathered (the final LayerNorm is per position).
   """
   keep = (~pad_mask)[..., None].astype(x.dtype)
   for i, block in enumerate(blocks):
     x = x * keep  # Reference blocks end in LN3, whose padding rows hold its bias.
     if query_positions is not None and i == len(blocks) - 1:
-      x = block(x, pad_mask, deterministic=deterministic, query_positions=query_positions)
+      if isinstance(block, ReferenceBlock):
+        x = block(x, pad_mask, deterministic=deterministic, query_positions=query_positions)
+      else:
+        x = block(x, pad_mask, deterministic=deterministic)
+        x = jnp.take_along_axis(x, query_positions[:, None, None], axis=1)
     else:
       x = block(x, pad_mask, deterministic=deterministic)
   return x if final_ln is None else final_ln(x)

@@ -217,13 +217,8 @@ class LLMESR(layers.ItemScoringBackbone):
   def _encode_view(self, x: Array, pad_mask: Array, deterministic: bool,
                    query_positions: Array | None) -> Array:
     """The shared encoder over one fused view: [B, L, h] -> [B, L, h] (or [B, 1, h])."""
-    if self.block == 'reference':
-      return layers.run_encoder(self.blocks, self.final_ln, x, pad_mask,
-                                deterministic=deterministic, query_positions=query_positions)
-    x = layers.run_encoder(self.blocks, self.final_ln, x, pad_mask, deterministic=deterministic)
-    if query_positions is not None:
-      x = jnp.take_along_axis(x, query_positions[:, None, None], axis=1)
-    return x
+    return layers.run_encoder(self.blocks, self.final_ln, x, pad_mask,
+                              deterministic=deterministic, query_positions=query_positions)
 
   def _encode(self, history: Array, deterministic: bool,
               query_positions: Array | None = None) -> Array:

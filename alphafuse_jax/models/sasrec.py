@@ -112,11 +112,8 @@ class SASRec(layers.ItemScoringBackbone):
   def __call__(self, history: Array, *, deterministic: bool) -> Array:
     """User states [batch, h]: the hidden state at the last non-pad position (L-1 if none).
 
-    The reference block computes its last layer at that position only (keys and values still see
+    A reference block computes its last layer at that position only (keys and values still see
     the whole history): the same state as `encode(...)[last]` for about half the work.
     """
     last = last_nonpad_index(history == self.num_items)
-    if self.block == 'reference':
-      return self._encode(history, deterministic=deterministic, query_positions=last)[:, 0]
-    states = self.encode(history, deterministic=deterministic)
-    return jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
+    return self._encode(history, deterministic=deterministic, query_positions=last)[:, 0]
