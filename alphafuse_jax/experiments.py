@@ -206,12 +206,11 @@ def run_cell_subprocess(cell: Cell, workdir: pathlib.Path, log_path: pathlib.Pat
                         command: Callable[[Cell, pathlib.Path], list[str]] = cell_command) -> int:
   """Runs the cell's command as a subprocess (env passed through), appending to its log."""
   argv = command(cell, workdir)
-  env = os.environ.copy()
-  applied = [f'{k}={v}' for k, v in cell.env if k not in env]
-  env.update(a.split('=', 1) for a in applied)
+  defaults = {k: v for k, v in cell.env if k not in os.environ}
+  env = {**os.environ, **defaults}
   log_path.parent.mkdir(parents=True, exist_ok=True)
   with open(log_path, 'a') as log:
-    log.write(f'# {_now()} {" ".join(applied + argv)}\n')
+    log.write(f'# {_now()} {" ".join([f"{k}={v}" for k, v in defaults.items()] + argv)}\n')
     log.flush()
     return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                           cwd=REPO_ROOT, check=False).returncode
@@ -830,7 +829,7 @@ def render_readme(suite: Suite, summary: Mapping[str, Any]) -> str:
            'per-dataset scripts use 12, 3 and 9). 10 is also our history window `max_len`, so '
            'counting the items before the target or the non-pad items of the model input gives '
            'the same split.']
-  env = sorted({f'`{k}={v}`': None for c in suite.cells for k, v in c.env})
+  env = sorted({f'`{k}={v}`' for c in suite.cells for k, v in c.env})
   if env:
     rows = sorted({c.variant for c in suite.cells if c.env})
     lines.append(f'- Cell environment defaults (a variable set by the caller wins): {", ".join(env)} '
