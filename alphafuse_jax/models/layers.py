@@ -285,8 +285,13 @@ class StandardBlock(nn.Module):
   pre_ln: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool) -> Array:
-    """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h]."""
+  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool,
+               query_positions: Array | None = None) -> Array:
+    """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h].
+
+    With `query_positions` (int [batch]) the result is [batch, 1, h], the states at those positions
+    (the same interface as ReferenceBlock). Every position is computed, then gathered.
+    """
     hidden = x.shape[-1]
     keep = (~pad_mask)[..., None].astype(x.dtype)
     attention = MultiHeadSelfAttention(self.num_heads, self.dropout_rate, name='attention')
@@ -306,7 +311,10 @@ class StandardBlock(nn.Module):
     else:
       x = ln_1(x + dropout(attention(x, pad_mask, deterministic=deterministic)))
       x = ln_2(x + dropout(ffn(x)))
-    return x * keep
+    x = x * keep
+    if query_positions is not None:
+      x = jnp.take_along_axis(x, query_positions[:, None, None], axis=1)
+    return x
 
 
 # ---- the encoder stack shared by SASRec and LLM-ESR ----------------------------------------------
@@ -338,19 +346,15 @@ def run_encoder(blocks, final_ln: nn.Module | None, x: Array, pad_mask: Array, *
                 deterministic: bool, query_positions: Array | None = None) -> Array:
   """x [B, L, h] through the blocks, padding rows re-zeroed before each block.
 
-  With `query_positions` [B] the result is [B, 1, h], the states at those positions; otherwise
-  [B, L, h]. A reference last block computes those positions only (about half its work); a standard
-  one computes every position and the states are gathered (the final LayerNorm is per position).
+  With `query_positions` [B] the last block returns the states at those positions, [B, 1, h] (a
+  reference block computes only those, about half its work; a standard one gathers them); otherwise
+  [B, L, h]. The final LayerNorm is per position, so it commutes with the gather.
   """
   keep = (~pad_mask)[..., None].astype(x.dtype)
   for i, block in enumerate(blocks):
     x = x * keep  # Reference blocks end in LN3, whose padding rows hold its bias.
     if query_positions is not None and i == len(blocks) - 1:
-      if isinstance(block, ReferenceBlock):
-        x = block(x, pad_mask, deterministic=deterministic, query_positions=query_positions)
-      else:
-        x = block(x, pad_mask, deterministic=deterministic)
-        x = jnp.take_along_axis(x, query_positions[:, None, None], axis=1)
+      x = block(x, pad_mask, deterministic=deterministic, query_positions=query_positions)
     else:
       x = block(x, pad_mask, deterministic=deterministic)
   return x if final_ln is None else final_ln(x)
