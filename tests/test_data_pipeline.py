@@ -51,6 +51,25 @@ def test_order_depends_on_seed_and_epoch_only():
   np.testing.assert_array_equal(unshuffled, np.arange(50))
 
 
+def test_shuffle_does_not_depend_on_stored_order():
+  # A split's rows are permuted from their (user_id, position) order: storing the same examples
+  # in another order gives the same shuffled batches, and (user_id, position)-sorted rows give
+  # exactly default_rng([seed, epoch]).permutation(n). Unshuffled epochs keep the stored order.
+  rng = np.random.default_rng(0)
+  user_id = np.repeat(np.arange(6, dtype=np.int32), [3, 1, 4, 2, 5, 3])
+  position = np.concatenate([np.arange(1, k + 1) for k in [3, 1, 4, 2, 5, 3]]).astype(np.int32)
+  tagged = {'user_id': user_id, 'position': position, 'target': np.arange(18, dtype=np.int32)}
+  stored = rng.permutation(18)
+  shuffled_storage = {k: v[stored] for k, v in tagged.items()}
+
+  def rows(arrays, shuffle):
+    return np.concatenate([b['target'].reshape(-1)[b['mask'].reshape(-1)] for b in
+                           data.batches(arrays, 4, seed=7, epoch=1, shuffle=shuffle)])
+  np.testing.assert_array_equal(rows(shuffled_storage, True), rows(tagged, True))
+  np.testing.assert_array_equal(rows(tagged, True), np.random.default_rng([7, 1]).permutation(18))
+  np.testing.assert_array_equal(rows(shuffled_storage, False), stored)
+
+
 def test_device_and_host_shards_tile_the_global_batch():
   arrays = _arrays(21)
   kw = dict(seed=0, epoch=1, shuffle=True)

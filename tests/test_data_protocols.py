@@ -5,7 +5,8 @@ dropped): item index = sorted movie id, 10 -> 0, ..., 60 -> 5, pad id N = 6. Chr
 sequences (ties keep file order): u1 [0 2 1 3], u2 [0 4 5], u3 [5 0 1], u4 [2 1],
 u5 [0 1 2 3 4], u6 [3], u7 [4 3], u8 [5 5], u9 [1 0 2], u10 [1 2]; user_id = key - 1.
 default_rng(0).permutation(10) = [4 6 2 7 3 5 9 0 8 1]: train = user_ids {0,2,3,4,5,6,7,9},
-val = {8}, test = {1}.
+val = {8}, test = {1}. Cold-start rows list users in that permutation order (train: 4, 6, 2, 7,
+3, 9, 0; user 5 has one item, so no example), each user's positions ascending.
 """
 
 import csv
@@ -28,11 +29,11 @@ SEQUENCES = [[0, 2, 1, 3], [0, 4, 5], [5, 0, 1], [2, 1], [0, 1, 2, 3, 4], [3], [
 
 COLD_START_L3 = {
     'train': {
-        'user_id': [0, 0, 0, 2, 2, 3, 4, 4, 4, 4, 6, 7, 9],
-        'position': [1, 2, 3, 1, 2, 1, 1, 2, 3, 4, 1, 1, 1],
-        'history': [[P, P, 0], [P, 0, 2], [0, 2, 1], [P, P, 5], [P, 5, 0], [P, P, 2], [P, P, 0],
-                    [P, 0, 1], [0, 1, 2], [1, 2, 3], [P, P, 4], [P, P, 5], [P, P, 1]],
-        'target': [2, 1, 3, 0, 1, 1, 1, 2, 3, 4, 3, 5, 2]},
+        'user_id': [4, 4, 4, 4, 6, 2, 2, 7, 3, 9, 0, 0, 0],
+        'position': [1, 2, 3, 4, 1, 1, 2, 1, 1, 1, 1, 2, 3],
+        'history': [[P, P, 0], [P, 0, 1], [0, 1, 2], [1, 2, 3], [P, P, 4], [P, P, 5], [P, 5, 0],
+                    [P, P, 5], [P, P, 2], [P, P, 1], [P, P, 0], [P, 0, 2], [0, 2, 1]],
+        'target': [1, 2, 3, 4, 3, 0, 1, 5, 1, 2, 2, 1, 3]},
     'val': {'user_id': [8, 8], 'position': [1, 2], 'history': [[P, P, 1], [P, 1, 0]],
             'target': [0, 2]},
     'test': {'user_id': [1, 1], 'position': [1, 2], 'history': [[P, P, 0], [P, 0, 4]],
@@ -98,7 +99,7 @@ def test_long_history_keeps_most_recent_items(fixture_raw):
                                 np.asarray(COLD_START_L3['train']['history'])[:, -1])
   wide = protocols.cold_start_users(fixture_raw, max_len=6, split_seed=0, train_fraction=0.8,
                                     val_fraction=0.1)
-  np.testing.assert_array_equal(wide.splits['train']['history'][9], [P, P, 0, 1, 2, 3])
+  np.testing.assert_array_equal(wide.splits['train']['history'][3], [P, P, 0, 1, 2, 3])
 
 
 def test_seen_items_is_sequence_prefix(fixture_raw):
@@ -109,7 +110,7 @@ def test_seen_items_is_sequence_prefix(fixture_raw):
   expected = [SEQUENCES[u][:p] for u, p in zip(COLD_START_L3['train']['user_id'],
                                                 COLD_START_L3['train']['position'])]
   assert rows == expected
-  assert rows[9] == [0, 1, 2, 3]  # Longer than L=2: all seen items, not just the history.
+  assert rows[3] == [0, 1, 2, 3]  # Longer than L=2: all seen items, not just the history.
 
 
 def test_item_fields_follow_item_index(fixture_raw):
@@ -179,6 +180,9 @@ def test_ml100k_cold_start_counts(ml100k, ml100k_frame):
   per_user = counts.to_numpy()[perm] - 1
   assert [per_user[:754].sum(), per_user[754:848].sum(), per_user[848:].sum()] == [
       77700, 10535, 10822]
+  # Rows list the users in the permutation's order (every ML-100K user has >= 20 ratings).
+  for split, users in (('train', perm[:754]), ('val', perm[754:848]), ('test', perm[848:])):
+    np.testing.assert_array_equal(pd.unique(ds.splits[split]['user_id']), users)
   # Last test example of the first test user: the pandas stable sort gives the same target.
   frame = ml100k_frame.sort_values(['user_id', 'timestamp'], kind='stable')
   user_key = counts.index[perm[848:]].min()

@@ -1,7 +1,9 @@
 """Batching: per-epoch shuffling, padded last batch with a mask, device and host sharding.
 
 A global batch of `batch_size` rows is cut from a permutation of the examples that depends only on
-(seed, epoch), so every process computes the same global batches; process p keeps rows
+(seed, epoch), so every process computes the same global batches (a split's examples are permuted
+from their (user_id, position) order, so the shuffle does not depend on how the split is stored;
+unshuffled epochs keep the stored order, the authors' training order); process p keeps rows
 [p * B/P, (p+1) * B/P) of each, reshaped to [num_devices, B / (num_devices * P)]. The last batch is
 padded with copies of a real row and `mask` marks the real rows, so every example is counted
 exactly once per epoch. `start_step` skips whole batches, for resuming inside an epoch.
@@ -23,11 +25,20 @@ def num_batches(num_examples: int, batch_size: int) -> int:
   return -(-int(num_examples) // batch_size)
 
 
-def epoch_order(num_examples: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-  """Example order of one epoch: a permutation seeded by (seed, epoch), or 0..n-1."""
+def epoch_order(num_examples: int, *, seed: int, epoch: int, shuffle: bool,
+                base: np.ndarray | None = None) -> np.ndarray:
+  """Example order of one epoch: `base` (default 0..n-1) permuted by (seed, epoch), or 0..n-1."""
   if not shuffle:
     return np.arange(num_examples)
-  return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
+  permutation = np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
+  return permutation if base is None else base[permutation]
+
+
+def canonical_order(arrays: Mapping[str, np.ndarray]) -> np.ndarray | None:
+  """Row indices sorted by (user_id, position), or None when the fields are absent."""
+  if 'user_id' not in arrays or 'position' not in arrays:
+    return None
+  return np.lexsort((arrays['position'], arrays['user_id']))
 
 
 def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epoch: int,
@@ -39,7 +50,8 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
     arrays: fields with a common leading dimension n (e.g. a split of a PreparedDataset).
     batch_size: global batch size B, divisible by num_devices * process_count.
     seed, epoch: the shuffle key; the same pair always gives the same order.
-    shuffle: False keeps the stored order.
+    shuffle: False keeps the stored order; True permutes the (user_id, position) order when the
+      arrays have those fields (a PreparedDataset split), else the stored order.
     num_devices: local devices of this process.
     process_index, process_count: this host's contiguous shard of each global batch.
     start_step: the first batch to yield (0 .. num_batches), for resuming mid-epoch.
@@ -61,7 +73,8 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
   steps = num_batches(n, batch_size)
   if not 0 <= start_step <= steps:
     raise ValueError(f'start_step={start_step} must lie in 0..{steps} (batches per epoch).')
-  order = epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle)
+  order = epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle,
+                      base=canonical_order(arrays) if shuffle else None)
   per_process = batch_size // process_count
   for step in range(start_step, steps):
     rows = order[step * batch_size:(step + 1) * batch_size]

@@ -11,7 +11,11 @@ Indexing (both protocols):
 `cold_start_users` (the authors' setting): users are permuted with
 `numpy.random.default_rng(split_seed).permutation(U)`; the first int(train_fraction*U) are
 train, up to int((train_fraction+val_fraction)*U) validation, the rest test. Every position
-t = 1..len-1 of a user's sequence is one example: history = the up to L items before t.
+t = 1..len-1 of a user's sequence is one example: history = the up to L items before t. A split's
+rows list its users in the permutation's order (each user's positions ascending), as a builder
+writing the authors' files does: their loader never shuffles, so this order is the training
+order, and it matters at 6 epochs (sorted user ids cost the reference model 0.003-0.004 test
+NDCG@20 on ML-1M; BENCHMARKS.md, parity section).
 
 `leave_one_out` (the literature's setting): k-core filter on users and items to a fixed point;
 per user the last item is test, the second-to-last validation and the rest train. Train holds one
@@ -47,7 +51,8 @@ class PreparedDataset:
     train_item_counts: int64 [N], interactions per item in the train split.
     splits: split -> {'user_id': int32 [n], 'position': int32 [n], 'history': int32 [n, L],
       'target': int32 [n]}; position = index of the target in the user's full sequence. Rows
-      are ordered by user_id, then position.
+      are grouped by user, positions ascending; users come in split order (cold-start: the
+      seeded permutation's order; leave-one-out: by user_id).
     user_sequences: (indptr int64 [U+1], items int32 [nnz]), every user's chronological items.
     description: where the data came from and how it was split.
   """
@@ -128,8 +133,7 @@ def make_examples(indptr: np.ndarray, items: np.ndarray, user_ids: np.ndarray,
 
 
 def _all_positions(indptr: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(user_ids, positions) for every position 1..len-1 of the given users, user by user."""
-  users = np.sort(users)
+  """(user_ids, positions) for every position 1..len-1 of the given users, in the given order."""
   lengths = np.maximum(indptr[users + 1] - indptr[users] - 1, 0)
   user_ids = np.repeat(users, lengths)
   first = np.repeat(np.cumsum(lengths) - lengths, lengths)

@@ -40,7 +40,8 @@ from alphafuse_jax.data import sources
 
 VERSION = '1.0.0'
 # Bump when the prepared form changes without a change of VERSION's meaning.
-FORMAT_VERSION = 1
+# 2: cold-start rows list users in the split's permutation order (1 sorted them by user_id).
+FORMAT_VERSION = 2
 CHUNK_SIZE = 1024
 DATASET_NAME = 'alphafuse_sequences'
 META_JSON = 'alphafuse_meta.json'
