@@ -4,10 +4,11 @@ Command (ML-1M cold-start, 6 epochs):
   python -m alphafuse_jax.main --config=configs/reference_parity.py:alphafuse --workdir=workdirs/parity_af
   python -m alphafuse_jax.main --config=configs/reference_parity.py:id --workdir=workdirs/parity_id
 Expected (the authors' code, seed 22, this split): test NDCG@20 0.1197 (alphafuse), 0.1259 (id).
-Measured here (seeds 22-24, BENCHMARKS.md): 0.1172 (alphafuse), 0.1219 ± 0.0023 (id); about 6 minutes
-a run on this 2-core machine.
+Measured here (seeds 22-24, 2026-11-30, BENCHMARKS.md): 0.1202 ± 0.0003 (alphafuse), 0.1263 ± 0.0024
+(id); seed 22 alone 0.1198 and 0.1241. About 3.5 minutes a run on this idle 2-core machine.
 The reference: one block of the authors' layout, InfoNCE with 64 negatives at temperature 0.07,
-Adam with coupled L2 1e-6, lr 1e-3, batch 256, no shuffling (their DataLoader's order).
+Adam with coupled L2 1e-6, lr 1e-3, batch 256, no shuffling (their DataLoader's order: the split's
+rows, users in the order the split's permutation drew them).
 """
 
 import os
