@@ -10,10 +10,10 @@ h = 384 (3,146 steps, ~5.7 min per epoch) and 21 ms at h = 128 (~1.1 min per epo
 and ranking 1,024 validation rows (21 DDIM steps, 42 denoiser calls) takes 0.82 s at h = 384
 (~75 s per validation pass of 90,872 rows). A 400-step probe at lr 1e-3 reached val NDCG@20 0.026
 (AlphaFuse, 4,096 val rows) against 0.006 at lr 1e-4.
-Measured 2026-11-29, 1 epoch, seed 22 (BENCHMARKS.md): AlphaFuse (h = 384) test NDCG@20 0.0615;
-'id' 0.0008 at h = 384 and 0.0001 at h = 128: a trainable ID table collapses through its own
+Measured 2026-11-30, 1 epoch, seed 22 (BENCHMARKS.md): AlphaFuse (h = 384) test NDCG@20 0.0492;
+'id' 0.0003 at h = 384 and 0.0001 at h = 128: a trainable ID table collapses through its own
 diffusion target at lr 1e-3 (train loss 0.005 and val NDCG@20 0.0000 by epoch 5), and at lr 1e-4
-it is still at the random level (0.0023) after one epoch.
+it is still at the random level (0.0025) after one epoch.
 
 AlphaFuse in the full language dimension (reference-spec 2.2, README DreamRec command):
   * hidden_dim = d_l (384 for MiniLM): every direction is kept and whitened; the ID is ADDED to
