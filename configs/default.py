@@ -8,11 +8,12 @@ Command:
 
 Split (measured): 3,706 items; train/val/test 805,341 / 90,872 / 97,956 examples from
 4,832 / 604 / 604 users.
-Expected (measured 2026-11-25): test NDCG@20 0.1383 with seed 22, 0.1376 +- 0.0018 over seeds
-22-24 (SASRec-ID with the same settings: 0.1365 +- 0.0005). Runtime on 2 idle CPU cores: 6 minutes.
+Expected (measured 2026-11-30): test NDCG@20 0.1381 with seed 22, 0.1379 +- 0.0016 over seeds
+22-24 (SASRec-ID with the same settings: 0.1372 +- 0.0003). Runtime on 2 idle CPU cores: about 3.5
+minutes (210-222 s).
 The authors' Movies settings (hidden 128, null_dim 64, ID init zeros, lr 1e-3, batch 256) with
 two changes found better here: shuffled batches, and full-softmax CE instead of InfoNCE with 64
-negatives (test NDCG@20 0.1383 vs 0.1198 at 6 epochs, seed 22); see configs/reference_parity.py for the
+negatives (test NDCG@20 0.1381 vs 0.1198 at 6 epochs, seed 22); see configs/reference_parity.py for the
 authors' exact settings.
 """
 
