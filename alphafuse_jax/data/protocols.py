@@ -14,8 +14,8 @@ train, up to int((train_fraction+val_fraction)*U) validation, the rest test. Eve
 t = 1..len-1 of a user's sequence is one example: history = the up to L items before t. A split's
 rows list its users in the permutation's order (each user's positions ascending), as a builder
 writing the authors' files does: their loader never shuffles, so this order is the training
-order, and it matters at 6 epochs (sorted user ids cost the reference model 0.003-0.004 test
-NDCG@20 on ML-1M; BENCHMARKS.md, parity section).
+order, and it matters at 6 epochs (sorted user ids cost the reference model 0.0030 (AlphaFuse)
+and 0.0044 (ID) test NDCG@20 on ML-1M; BENCHMARKS.md, parity section).
 
 `leave_one_out` (the literature's setting): k-core filter on users and items to a fixed point;
 per user the last item is test, the second-to-last validation and the rest train. Train holds one
