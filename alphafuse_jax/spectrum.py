@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Sequence
 
 from absl import app
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 
 from alphafuse_jax import decomposition
+from alphafuse_jax import files
 
 def load_vectors(path: str) -> np.ndarray:
   """[N, d] float vectors via the project's reader when present, else np.load."""
@@ -75,19 +75,6 @@ def spectrum_report(embeddings: np.ndarray, *, hidden_dim: int, null_dim: int | 
   }
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-  """Writes via a temp file in the same directory, then renames; nothing partial is left."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def plot_spectrum(report: dict[str, Any], f) -> None:
   """Log-scale eigenvalues with the kept cut, the null cut and the ID dims shaded; PNG to f."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -135,9 +122,8 @@ def run(embeddings_path: str, out_dir: str, *, hidden_dim: int = 128, null_dim: 
   report = {'embeddings': str(embeddings_path), 'scale': scale, **report}
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  _atomic_write(out / 'spectrum.json',
-                lambda f: f.write((json.dumps(report, indent=1) + '\n').encode()))
-  _atomic_write(out / 'spectrum.png', lambda f: plot_spectrum(report, f))
+  files.atomic_write(out / 'spectrum.json', lambda f: f.write(json.dumps(report, indent=1) + '\n'))
+  files.atomic_write(out / 'spectrum.png', lambda f: plot_spectrum(report, f), mode='wb')
   return report
 
 

@@ -14,10 +14,11 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from alphafuse_jax import files
 
 from alphafuse_jax.text import bert
 from alphafuse_jax.text import encoder as encoder_lib
@@ -36,20 +37,6 @@ def texts_sha256(texts: Sequence[str]) -> str:
 
 def _array_sha256(array: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def _atomic_write(path: pathlib.Path, write: Callable[[Any], None]) -> None:
-  """Writes through write(file) into a temporary file beside path, then renames it into place."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def _model_identity(encoder: encoder_lib.MiniLMEncoder | None,
@@ -139,10 +126,11 @@ def embed_texts_cached(texts: Sequence[str], *, template: str, cache_dir: str | 
   cache_dir.mkdir(parents=True, exist_ok=True)
   # Sidecar first: with it gone, a crash between the two writes leaves no valid-looking cache.
   sidecar_path.unlink(missing_ok=True)
-  _atomic_write(npy_path, lambda f: np.save(f, embeddings, allow_pickle=False))
+  files.atomic_write(npy_path, lambda f: np.save(f, embeddings, allow_pickle=False), mode='wb')
   sidecar = dict(expected, array_sha256=_array_sha256(embeddings))
-  _atomic_write(sidecar_path,
-                lambda f: f.write(json.dumps(sidecar, indent=2, ensure_ascii=False).encode()))
+  files.atomic_write(sidecar_path,
+                     lambda f: f.write(json.dumps(sidecar, indent=2, ensure_ascii=False).encode()),
+                     mode='wb')
   logging.info('Wrote %d text embeddings to %s.', len(texts), npy_path)
   return embeddings
 
