@@ -6,15 +6,17 @@ The reference (reference-spec §3.2) trains on the last position only:
     BCE(<s, e_neg>, 0) averaged over rows x K;
   * 'infonce': K uniform negatives; logits [cos(s, e_pos), cos(s, e_neg_1..K)] / tau with
     F.normalize's eps 1e-12; cross-entropy with label 0.
-Every loss takes optional per-row weights (0 for padded rows of the last batch) and averages over
-valid rows only. `positional_loss` is the leave-one-out variant: every non-pad history position
-predicts its next item.
+`per_example_loss` gives one value per row (or per position: leave-one-out training predicts the
+next item at every non-pad history position, see `positional_targets`); the backbone's
+`example_loss` returns it with the row weights, and the train step takes the weighted mean over
+the global batch. `Objective` carries the config.train fields that choose the loss.
 
-Item embeddings for the sampled losses are either a table [N or N+1, h] (rows gathered by id) or a
-callable ids -> [..., h] (e.g. `SASRec.embed_items` bound to the current parameters), so pipelines
-with adapters need not embed the whole catalogue every step.
+Item embeddings for the sampled losses are either a table [N or N+1, h] or a callable
+ids -> [..., h] (the item-embedding module itself): with `negative_scoring='gather'` only the
+target and the K sampled items are embedded, so the step never touches the whole catalogue.
 """
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -24,6 +26,7 @@ Array = jax.Array
 ItemEmbeddings = Array | Callable[[Array], Array]
 
 LOSSES = ('ce', 'bce', 'infonce')
+NEGATIVE_SCORING = ('dense', 'gather')
 # torch.nn.functional.normalize's default epsilon.
 NORMALIZE_EPS = 1e-12
 
@@ -50,22 +53,6 @@ def sample_negatives(key: Array, targets: Array, num_items: int, num_negatives: 
   draws = jax.random.randint(key, targets.shape + (num_negatives,), 0, num_items - 1,
                              dtype=jnp.int32)
   return draws + (draws >= targets[..., None]).astype(jnp.int32)
-
-
-def weighted_mean(values: Array, weights: Array | None = None) -> Array:
-  """sum(w * v) / sum(w) over all entries (0 when every weight is 0); plain mean when weights=None.
-
-  Args:
-    values: [...] per-example losses.
-    weights: None or [...] (bool or float) broadcastable to values; 0 marks rows that do not count.
-  """
-  if weights is None:
-    return jnp.mean(values)
-  weights = jnp.broadcast_to(jnp.asarray(weights, values.dtype), values.shape)
-  # Rows with weight 0 must not leak inf/NaN into the sum.
-  values = jnp.where(weights > 0, values, 0.0)
-  total = jnp.sum(weights)
-  return jnp.where(total > 0, jnp.sum(weights * values) / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def l2_normalize(x: Array, eps: float = NORMALIZE_EPS) -> Array:
@@ -165,10 +152,10 @@ def _lookup(item_embeddings: ItemEmbeddings, ids: Array) -> Array:
   return jnp.take(item_embeddings, ids, axis=0)
 
 
-def _real_item_table(item_embeddings: ItemEmbeddings, num_items: int) -> Array:
-  """The [N, h] table for full-softmax CE; accepts N rows or N+1 (the pad row is dropped)."""
+def _real_item_table(item_embeddings: ItemEmbeddings, num_items: int, why: str) -> Array:
+  """The [N, h] table (full-softmax CE, dense scoring); N rows or N+1 (the pad row is dropped)."""
   if callable(item_embeddings):
-    raise ValueError("The 'ce' loss needs the full item table [N, h], not a lookup function.")
+    raise ValueError(f'{why} needs the full item table [N, h], not a lookup function.')
   rows = item_embeddings.shape[0]
   if rows == num_items + 1:
     return item_embeddings[:num_items]
@@ -193,7 +180,8 @@ def per_example_loss(kind: str, states: Array, targets: Array, item_embeddings: 
     dense: score the sampled items through the whole table (`sampled_loss_dense`); needs a table.
   """
   if kind == 'ce':
-    return ce_per_example(states, _real_item_table(item_embeddings, num_items), targets)
+    return ce_per_example(states, _real_item_table(item_embeddings, num_items, "The 'ce' loss"),
+                          targets)
   if kind not in LOSSES:
     raise ValueError(f'Unknown loss {kind!r} (config.train.loss); use one of {LOSSES}.')
   if key is None:
@@ -201,53 +189,13 @@ def per_example_loss(kind: str, states: Array, targets: Array, item_embeddings: 
   negatives = sample_negatives(key, targets, num_items, num_negatives)
   if dense:
     return sampled_loss_dense(kind, states, targets, negatives,
-                              _real_item_table(item_embeddings, num_items), temperature)
+                              _real_item_table(item_embeddings, num_items,
+                                               "negative_scoring='dense'"), temperature)
   positive = _lookup(item_embeddings, targets)
   negative = _lookup(item_embeddings, negatives)
   if kind == 'bce':
     return bce_per_example(states, positive, negative)
   return infonce_per_example(states, positive, negative, temperature)
-
-
-def loss(kind: str, states: Array, targets: Array, item_embeddings: ItemEmbeddings, *,
-         num_items: int, key: Array | None = None, num_negatives: int = 1,
-         temperature: float = 0.07, weights: Array | None = None) -> Array:
-  """The reference's last-position loss: weighted mean over valid rows of `per_example_loss`.
-
-  Args:
-    states: [batch, h] user states; targets: int [batch]; weights: None or [batch] (0 = padded row).
-    Other arguments as in `per_example_loss`.
-  Returns:
-    scalar.
-  """
-  if weights is not None:
-    # Padded rows may carry the pad id as target: point them at item 0 so every value (and every
-    # gradient) stays finite; their weight is 0 anyway.
-    targets = jnp.where(jnp.asarray(weights) > 0, targets, 0)
-  values = per_example_loss(kind, states, targets, item_embeddings, num_items=num_items, key=key,
-                            num_negatives=num_negatives, temperature=temperature)
-  return weighted_mean(values, weights)
-
-
-def ce_loss(states: Array, item_table: Array, targets: Array,
-            weights: Array | None = None) -> Array:
-  """Full-softmax CE: states [batch, h], item_table [N, h], targets [batch] -> scalar."""
-  return weighted_mean(ce_per_example(states, item_table, targets), weights)
-
-
-def bce_loss(states: Array, targets: Array, item_embeddings: ItemEmbeddings, key: Array, *,
-             num_items: int, num_negatives: int, weights: Array | None = None) -> Array:
-  """BCE with K uniform negatives per row (see `bce_per_example`) -> scalar."""
-  return loss('bce', states, targets, item_embeddings, num_items=num_items, key=key,
-              num_negatives=num_negatives, weights=weights)
-
-
-def infonce_loss(states: Array, targets: Array, item_embeddings: ItemEmbeddings, key: Array, *,
-                 num_items: int, num_negatives: int, temperature: float,
-                 weights: Array | None = None) -> Array:
-  """InfoNCE on cosine similarity with K uniform negatives (see `infonce_per_example`) -> scalar."""
-  return loss('infonce', states, targets, item_embeddings, num_items=num_items, key=key,
-              num_negatives=num_negatives, temperature=temperature, weights=weights)
 
 
 def positional_targets(history: Array, targets: Array, pad_id: int) -> tuple[Array, Array]:
@@ -267,25 +215,43 @@ def positional_targets(history: Array, targets: Array, pad_id: int) -> tuple[Arr
   return next_items, valid
 
 
-def positional_loss(kind: str, encoded: Array, history: Array, targets: Array,
-                    item_embeddings: ItemEmbeddings, *, num_items: int, key: Array | None = None,
-                    num_negatives: int = 1, temperature: float = 0.07,
-                    weights: Array | None = None) -> Array:
-  """Every-position next-item loss (the literature's SASRec training), averaged over valid positions.
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """How a backbone's states are trained against the items (the config.train loss fields).
 
-  Args:
-    encoded: [batch, L, h] from `SASRec.encode`; history: int [batch, L]; targets: int [batch].
-    weights: None or [batch] row weights (0 = padded row); multiplied into the position mask.
-    Other arguments as in `per_example_loss` (negatives are drawn per position).
-  Returns:
-    scalar: the mean over all valid (row, position) pairs of the batch; 0 if there are none.
+  Attributes:
+    kind: 'ce' (full softmax over N), 'bce' or 'infonce' (K sampled negatives).
+    num_negatives: K.
+    temperature: InfoNCE's tau.
+    negative_scoring: 'dense' scores the sampled items through the whole table [N, h] (one matmul;
+      fast up to ~1e5 items); 'gather' embeds only the target and the K negatives of each row.
+    per_position: leave-one-out training: every history position predicts its next item.
   """
-  next_items, valid = positional_targets(history, targets, num_items)
-  position_weights = valid.astype(encoded.dtype)
-  if weights is not None:
-    position_weights = position_weights * jnp.asarray(weights, encoded.dtype)[:, None]
-  # Positions that do not count get item 0 as target so that no NaN reaches the gradient.
-  next_items = jnp.where(position_weights > 0, next_items, 0)
-  values = per_example_loss(kind, encoded, next_items, item_embeddings, num_items=num_items,
-                            key=key, num_negatives=num_negatives, temperature=temperature)
-  return weighted_mean(values, position_weights)
+  kind: str = 'ce'
+  num_negatives: int = 64
+  temperature: float = 0.07
+  negative_scoring: str = 'dense'
+  per_position: bool = False
+
+  def __post_init__(self):
+    if self.kind not in LOSSES:
+      raise ValueError(f'config.train.loss={self.kind!r} is not one of {LOSSES}.')
+    if self.negative_scoring not in NEGATIVE_SCORING:
+      raise ValueError(f'config.train.negative_scoring={self.negative_scoring!r} is not one of '
+                       f'{NEGATIVE_SCORING}.')
+    if self.kind != 'ce' and self.num_negatives < 1:
+      raise ValueError(f'config.train.num_negatives={self.num_negatives} must be >= 1 for '
+                       f'{self.kind}.')
+
+  @property
+  def gathers(self) -> bool:
+    """True when the loss embeds only sampled items (no whole table in the step)."""
+    return self.kind != 'ce' and self.negative_scoring == 'gather'
+
+  def per_example(self, states: Array, targets: Array, item_embeddings: ItemEmbeddings, *,
+                  key: Array, num_items: int) -> Array:
+    """`per_example_loss` with this objective's settings: states [..., h] -> losses [...]."""
+    return per_example_loss(self.kind, states, targets, item_embeddings, num_items=num_items,
+                            key=key, num_negatives=self.num_negatives,
+                            temperature=self.temperature,
+                            dense=self.negative_scoring == 'dense')

@@ -14,11 +14,11 @@ ties with the target, and with ties the reference lands somewhere between our tw
 'optimistic' matches it only when ties are rare, as with float scores of trained models). A NaN
 target score gets the worst rank N.
 
-Per-batch functions return SUMS plus a count, so batches (including a padded last batch whose
-extra rows have mask False) are accumulated and divided once at the end by `finalize`.
+The evaluation loop ranks with `target_ranks_chunked` (bounded memory for any N; `target_ranks`
+is its dense definition) and averages the gathered ranks on the host with `summarize_ranks`.
 """
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,6 @@ Array = jax.Array
 
 DEFAULT_KS = (1, 5, 10, 20, 50)
 TIE_RULES = ('optimistic', 'pessimistic')
-# Group names, indexed by the group ids returned below.
-ITEM_GROUP_NAMES = ('tail', 'head')
-USER_GROUP_NAMES = ('short', 'long')
 
 
 def target_ranks(scores: Array, targets: Array, exclude: Array | None = None,
@@ -118,52 +115,6 @@ def _apply_exclusion(scores: Array, targets: Array, exclude: Array) -> Array:
   return scores.at[rows, exclude].set(-jnp.inf, mode='drop')
 
 
-def ranking_metrics(ranks: Array, mask: Array | None = None,
-                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, Array]:
-  """Summed HR@K, NDCG@K and MRR@K over the valid rows of a batch, and their count.
-
-  HR@K = [rank <= K]; NDCG@K = [rank <= K] / log2(rank + 1); MRR@K = [rank <= K] / rank.
-
-  Args:
-    ranks: int [batch] 1-based ranks.
-    mask: None or bool [batch]; False rows (padding) contribute nothing, not even to the count.
-    ks: cut-offs.
-  Returns:
-    {'HR@K': sum, 'NDCG@K': sum, 'MRR@K': sum for each K, 'count': number of valid rows}, float32
-    scalars.
-  """
-  if mask is None:
-    mask = jnp.ones(ranks.shape, bool)
-  weight = mask.astype(jnp.float32)
-  ranks_f = ranks.astype(jnp.float32)
-  out = {'count': jnp.sum(weight)}
-  for k in ks:
-    hit = (ranks <= k).astype(jnp.float32) * weight
-    out[f'HR@{k}'] = jnp.sum(hit)
-    out[f'NDCG@{k}'] = jnp.sum(hit / jnp.log2(ranks_f + 1.0))
-    out[f'MRR@{k}'] = jnp.sum(hit / ranks_f)
-  return out
-
-
-def grouped_ranking_metrics(ranks: Array, mask: Array | None, group_ids: Array,
-                            group_names: Sequence[str],
-                            ks: Sequence[int] = DEFAULT_KS) -> dict[str, Array]:
-  """`ranking_metrics` per group, keyed '<group>/HR@10', '<group>/count', ...
-
-  Args:
-    ranks: int [batch]; mask: None or bool [batch].
-    group_ids: int [batch] in 0..len(group_names)-1 (e.g. from `item_group_ids`).
-    group_names: one name per group id.
-  """
-  if mask is None:
-    mask = jnp.ones(ranks.shape, bool)
-  out = {}
-  for group, name in enumerate(group_names):
-    sums = ranking_metrics(ranks, mask & (group_ids == group), ks)
-    out.update({f'{name}/{key}': value for key, value in sums.items()})
-  return out
-
-
 def item_groups(train_item_counts: np.ndarray, head_fraction: float = 0.2) -> np.ndarray:
   """Head items: the floor(head_fraction * N) most interacted items in train.
 
@@ -189,25 +140,11 @@ def item_groups(train_item_counts: np.ndarray, head_fraction: float = 0.2) -> np
   return is_head
 
 
-def item_group_ids(targets: Array, is_head: Array) -> Array:
-  """int32 [batch]: 1 if the target is a head item, else 0 (names in ITEM_GROUP_NAMES)."""
-  return jnp.take(jnp.asarray(is_head), targets).astype(jnp.int32)
-
-
-def user_group_ids(history: Array, pad_id: int, threshold: int) -> Array:
-  """int32 [batch]: 0 ('short') if the number of non-pad history items < threshold, else 1 ('long').
-
-  This is LLM-ESR's user split (seq_len < ts_user is a tail user).
-  """
-  lengths = jnp.sum(history != pad_id, axis=-1)
-  return (lengths >= threshold).astype(jnp.int32)
-
-
 def summarize_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
   """Host-side means in float64 of HR@K, NDCG@K, MRR@K over gathered ranks, plus 'count'.
 
-  The same definitions as `ranking_metrics`, for when every example's rank is already on the host
-  (every entry of `ranks` counts once). An empty array gives NaN means and count 0.
+  HR@K = [rank <= K]; NDCG@K = [rank <= K] / log2(rank + 1); MRR@K = [rank <= K] / rank; every
+  entry of `ranks` counts once. An empty array gives NaN means and count 0.
   """
   ranks = np.asarray(ranks, np.float64).reshape(-1)
   count = ranks.shape[0]
@@ -222,31 +159,6 @@ def summarize_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[s
     out[f'NDCG@{k}'] = mean(hit / np.log2(ranks + 1.0))
     out[f'MRR@{k}'] = mean(hit / ranks)
   return out
-
-
-def finalize(sums: Mapping[str, float | Array]) -> dict[str, float]:
-  """Divides accumulated sums by their count: {'HR@10': mean, ..., 'count': n}.
-
-  Handles flat keys ('HR@10', 'count') and grouped keys ('head/HR@10', 'head/count'); a group with
-  count 0 gets NaN means (there is nothing to average).
-  """
-  out = {}
-  for key, value in sums.items():
-    prefix, _, name = key.rpartition('/')
-    if name == 'count':
-      out[key] = float(value)
-      continue
-    count = float(sums[f'{prefix}/count' if prefix else 'count'])
-    out[key] = float(value) / count if count > 0 else float('nan')
-  return out
-
-
-def accumulate(total: dict[str, float] | None, batch_sums: Mapping[str, Array]) -> dict[str, float]:
-  """Adds one batch's sums into a host-side float64 running total (None starts a new one)."""
-  total = {} if total is None else dict(total)
-  for key, value in batch_sums.items():
-    total[key] = total.get(key, 0.0) + float(np.asarray(value, np.float64))
-  return total
 
 
 # ---- full ranking over item chunks (bounded memory) -------------------------------------------
@@ -347,46 +259,3 @@ def target_ranks_chunked(states: Array, item_table: Array, targets: Array,
   # Optimistic: 1 + #{others strictly above}; pessimistic: the target itself + #{others >=}.
   ranks = 1 + count
   return jnp.where(jnp.isnan(target_score[:, 0]), num_items, ranks).astype(jnp.int32)
-
-
-def top_k_chunked(states: Array, item_table: Array, k: int, exclude: Array | None = None, *,
-                  chunk_size: int, approx: bool = False,
-                  recall_target: float = 0.95) -> tuple[Array, Array]:
-  """The k best items of each row, [B, k] scores and int32 ids, with O(B * (chunk_size + k)) memory.
-
-  A running top-k: each chunk's top-k is merged with the best k so far by `lax.top_k`. Scores
-  tie-break towards the lower item id, like `lax.top_k` on the full [B, N] scores. `approx=True`
-  uses `lax.approx_max_k` within each chunk (fast on TPU; on CPU/GPU it is exact top-k) with the
-  given recall target. `exclude` (no target here) is a padded index list [B, S] or bool [B, N].
-  Needs k <= N. Excluded and padding items score -inf; a row with fewer than k other items fills
-  its last slots with -inf and the id N.
-  """
-  num_items = item_table.shape[0]
-  if not 1 <= k <= num_items:
-    raise ValueError(f'k={k} must lie in 1..N={num_items}.')
-  batch = states.shape[0]
-  no_target = jnp.full((batch,), -1, jnp.int32)
-  chunks, starts = _chunked_table(item_table, chunk_size)
-  kind, data = _chunk_exclusion(exclude, no_target, num_items, chunk_size)
-  chunk_k = min(k, chunk_size)
-
-  def merge_chunk(best, chunk_and_start):
-    best_scores, best_ids = best
-    chunk, start = chunk_and_start
-    scores = _mask_chunk(states @ chunk.T, start, kind, data).astype(best_scores.dtype)
-    ids = start + jnp.arange(chunk_size, dtype=jnp.int32)
-    scores = jnp.where(ids[None, :] < num_items, scores, -jnp.inf)
-    if approx:
-      top, local = jax.lax.approx_max_k(scores, chunk_k, recall_target=recall_target)
-    else:
-      top, local = jax.lax.top_k(scores, chunk_k)
-    # Earlier (lower-id) candidates first, so lax.top_k's stable order keeps lower ids on ties.
-    merged = jnp.concatenate([best_scores, top], axis=1)
-    merged_ids = jnp.concatenate([best_ids, start + local.astype(jnp.int32)], axis=1)
-    top, pos = jax.lax.top_k(merged, k)
-    return (top, jnp.take_along_axis(merged_ids, pos, axis=1)), None
-
-  dtype = jnp.result_type(states.dtype, item_table.dtype)
-  init = (jnp.full((batch, k), -jnp.inf, dtype), jnp.full((batch, k), num_items, jnp.int32))
-  (scores, ids), _ = jax.lax.scan(merge_chunk, init, (chunks, starts))
-  return scores, ids

@@ -6,9 +6,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/_args.sh"
 parse_run_args workdirs/default "$@"
 echo "[run] preparing data for $CONFIG"
 python -m alphafuse_jax.data --config="$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}"
-if python -c 'import alphafuse_jax.train' 2>/dev/null; then
-  echo "[run] training $CONFIG in $WORKDIR"
-  python -m alphafuse_jax.main --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]+"${EXTRA[@]}"}"
-else
-  echo "[run] data prepared. Training is not implemented yet (it lands with the SASRec issue); stopping here."
-fi
+echo "[run] training $CONFIG in $WORKDIR"
+python -m alphafuse_jax.main --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]+"${EXTRA[@]}"}"

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alphafuse_jax import builders
 from alphafuse_jax import diffusion
 from alphafuse_jax import embeddings
-from alphafuse_jax.models import SimpleIdEmbedding
+from alphafuse_jax.embeddings import IDEmbedding
 from alphafuse_jax.models.dreamrec import DreamRec, TimestepEmbedder
-from alphafuse_jax.models.dreamrec import from_config as dreamrec_from_config
 from alphafuse_jax.models.sasrec import SASRec
 from configs import dreamrec as dreamrec_config
 
@@ -21,19 +21,16 @@ HISTORY = jnp.array([[PAD, PAD, 1, 2, 3], [PAD, PAD, PAD, PAD, 4], [5, 6, 7, 8, 
 TARGETS = jnp.array([4, 0, 1])
 
 
-def init_all(module, history):
-  """What train.py's `_init_all` does: touch the backbone, scoring and auxiliary loss."""
-  states = module(history, deterministic=True)
-  module.score(states)
-  return module.auxiliary_loss(deterministic=True)
+def id_embedding(hidden=H):
+  return IDEmbedding(N, hidden, id_init='normal')
 
 
 def make(**kw):
-  model = DreamRec(SimpleIdEmbedding(N, H), max_len=L, timesteps=kw.pop('timesteps', 50),
+  model = DreamRec(id_embedding(), max_len=L, timesteps=kw.pop('timesteps', 50),
                    sampling_stride=kw.pop('sampling_stride', 10), **kw)
   # jit: one compilation instead of hundreds of eager ops.
   params = jax.jit(lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
-                                      HISTORY, method=init_all)['params'])()
+                                      HISTORY, method='init_all')['params'])()
   return model, params
 
 
@@ -57,9 +54,9 @@ def test_parameter_count(default):
   assert count(params) == 2888
   assert set(params) == {'item_embedding', 'encoder', 'none_embedding', 'step_embedder',
                          'denoise_net'}
-  mlp = DreamRec(SimpleIdEmbedding(N, H), max_len=L, denoiser='mlp')
+  mlp = DreamRec(id_embedding(), max_len=L, denoiser='mlp')
   mlp_params = jax.eval_shape(lambda: mlp.init({'params': jax.random.key(0)}, HISTORY,
-                                               method=init_all))['params']
+                                               method='init_all'))['params']
   # mlp denoiser: Linear(3h -> 2h) 24*16 + 16 = 400, Linear(2h -> h) 16*8 + 8 = 136;
   # 536 = 200 + 336.
   assert count(mlp_params) == 2888 + 336
@@ -67,11 +64,12 @@ def test_parameter_count(default):
 
 def test_condition_is_sasrec_reference_state(default):
   model, params = default
-  sasrec = SASRec(SimpleIdEmbedding(N, H), max_len=L, block='reference')
+  sasrec = SASRec(id_embedding(), max_len=L, block='reference')
   sas_params = {'item_embedding': params['item_embedding'], **params['encoder']}
   want = sasrec.apply({'params': sas_params}, HISTORY, deterministic=True)
   got = model.apply({'params': params}, HISTORY, deterministic=True, method=DreamRec.condition)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Two compilations of the same maths: float32 agrees to a few ulps of O(1) states.
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_timestep_embedder_and_linear_denoiser_match_numpy(default):
@@ -102,7 +100,7 @@ def test_loss_is_per_example_mse_with_reference_key_use(default):
   # Rebuild it from the public pieces: split(key, 3) draws (t, noise, guidance mask).
   t_key, noise_key, mask_key = jax.random.split(key, 3)
   t = diffusion.sample_timesteps(t_key, 3, 50)
-  x0 = np.asarray(params['item_embedding']['embedding'])[np.asarray(TARGETS)]
+  x0 = np.asarray(params['item_embedding']['id_table'])[np.asarray(TARGETS)]
   noise = jax.random.normal(noise_key, x0.shape)
   ab = model.apply({'params': params}, method=lambda m: m.schedule.alphas_cumprod)[np.asarray(t)]
   x_t = np.sqrt(ab)[:, None] * x0 + np.sqrt(1 - ab)[:, None] * np.asarray(noise)
@@ -112,7 +110,8 @@ def test_loss_is_per_example_mse_with_reference_key_use(default):
   cond = cond * keep + np.asarray(params['none_embedding'])[None] * (1 - keep)
   pred = model.apply({'params': params}, jnp.asarray(x_t, jnp.float32), jnp.asarray(cond), t,
                      method=DreamRec.denoise)
-  np.testing.assert_allclose(got, np.mean((x0 - np.asarray(pred)) ** 2, -1), rtol=1e-4)
+  np.testing.assert_allclose(got, np.mean((x0 - np.asarray(pred)) ** 2, -1), rtol=1e-4,
+                             atol=1e-6)
 
 
 def test_unconditional_training_ignores_history(default):
@@ -121,7 +120,8 @@ def test_unconditional_training_ignores_history(default):
   key = jax.random.key(4)
   loss = lambda h: model.apply({'params': params}, h, TARGETS, key, deterministic=True,
                                method=DreamRec.loss)
-  np.testing.assert_allclose(loss(HISTORY), loss(jnp.full_like(HISTORY, PAD)), rtol=1e-6)
+  np.testing.assert_allclose(loss(HISTORY), loss(jnp.full_like(HISTORY, PAD)), rtol=1e-5,
+                             atol=1e-6)
   model0 = model.clone(p_uncond=0.0)
   loss0 = lambda h: model0.apply({'params': params}, h, TARGETS, key, deterministic=True,
                                  method=DreamRec.loss)
@@ -136,7 +136,7 @@ def test_gradients_reach_id_table_through_target():
       np.random.default_rng(0).normal(size=(N, H))), null_dim=3, id_init='normal')
   model = DreamRec(item_embedding, max_len=L, timesteps=50, sampling_stride=10)
   params = jax.jit(lambda: model.init({'params': jax.random.key(0)}, history,
-                                      method=init_all)['params'])()
+                                      method='init_all')['params'])()
   grads = jax.jit(jax.grad(lambda p: model.apply(
       {'params': p}, history, TARGETS, jax.random.key(1), deterministic=True,
       method=DreamRec.loss).mean()))(params)
@@ -181,18 +181,50 @@ def test_generate_and_score(default):
   assert not np.allclose(a, gen(params, jax.random.key(10), 5.0))
   assert not np.allclose(a, gen(params, jax.random.key(9), 0.0))
   scores = model.apply({'params': params}, a, method=DreamRec.score)
-  table = np.asarray(params['item_embedding']['embedding'])[:N]
+  table = np.asarray(params['item_embedding']['id_table'])[:N]
   np.testing.assert_allclose(scores, np.asarray(a) @ table.T, rtol=1e-5, atol=1e-5)
   ddpm = model.apply({'params': params}, HISTORY, jax.random.key(9), sampler='ddpm',
                      method=DreamRec.generate)
   assert ddpm.shape == (3, H)
 
 
+def test_example_loss_is_the_row_loss_weighted_by_its_mask(default):
+  """The training contract's per-row loss is `loss` on the row alone, weighted by its mask."""
+  model, params = default
+  key = jax.random.key(7)
+  rngs, loss_key = model.split_example_key(key)
+  # The row key splits as the train step always split it: (model key -> dropout, diffusion).
+  model_key, _ = jax.random.split(key)
+  dropout_key, diffusion_key = jax.random.split(model_key)
+  np.testing.assert_array_equal(jax.random.key_data(loss_key),
+                                jax.random.key_data(diffusion_key))
+  np.testing.assert_array_equal(jax.random.key_data(rngs['dropout']),
+                                jax.random.key_data(jax.random.split(dropout_key)[0]))
+  assert model.apply({'params': params}, method='train_table') is None
+  example = jax.jit(lambda h, t, m: model.apply({'params': params}, h, t, m, loss_key, None,
+                                                rngs=rngs, method='example_loss'))
+  direct = jax.jit(lambda h, t: model.apply({'params': params}, h[None], t[None], loss_key,
+                                            deterministic=False, rngs=rngs,
+                                            method=DreamRec.loss)[0])
+  for row in range(len(TARGETS)):
+    loss, weight = example(HISTORY[row], TARGETS[row], jnp.asarray(True))
+    assert loss.shape == () and weight.shape == ()
+    # Two compiled programs of the same maths: a float32 tolerance, not bitwise equality.
+    np.testing.assert_allclose(loss, direct(HISTORY[row], TARGETS[row]), rtol=1e-5, atol=1e-6)
+    assert float(weight) == 1.0
+  # A padding row of the last batch (its target is the pad id): weight 0, a finite loss, the
+  # target pointed at item 0 (the pad id would look up NaN).
+  loss, weight = example(HISTORY[0], jnp.asarray(PAD), jnp.asarray(False))
+  assert float(weight) == 0.0 and np.isfinite(float(loss))
+  np.testing.assert_allclose(loss, direct(HISTORY[0], jnp.asarray(0)), rtol=1e-5, atol=1e-6)
+
+
 def test_train_mode_loss_uses_dropout_stream(default):
   model, params = default
-  run = lambda r: model.apply({'params': params}, HISTORY, TARGETS, jax.random.key(2),
-                              deterministic=False, rngs={'dropout': jax.random.key(r)},
-                              method=DreamRec.loss)
+  # One compiled function: running it twice on the same inputs is bitwise reproducible.
+  run = jax.jit(lambda r: model.apply({'params': params}, HISTORY, TARGETS, jax.random.key(2),
+                                      deterministic=False, rngs={'dropout': jax.random.key(r)},
+                                      method=DreamRec.loss))
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.allclose(run(0), run(1))
 
@@ -215,7 +247,8 @@ def test_timestep_embedder_width():
 @pytest.mark.parametrize('pipeline', ['alphafuse', 'id', 'idreamrec', 'llmesr'])
 def test_config_builds_the_reference_settings(pipeline):
   config = dreamrec_config.get_config(pipeline)
-  model = dreamrec_from_config(config, SimpleIdEmbedding(N, config.embedding.hidden_dim), L)
+  # pylint: disable-next=protected-access
+  model = builders._dreamrec(config, id_embedding(config.embedding.hidden_dim), L)
   assert (model.timesteps, model.beta_schedule, model.sampling_stride) == (2000, 'linear', 100)
   assert (model.guidance_weight, model.p_uncond, model.denoiser) == (5.0, 0.1, 'linear')
   assert model.reference_quirks is False

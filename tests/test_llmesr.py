@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from alphafuse_jax import embeddings as emb
+from alphafuse_jax import losses
 from alphafuse_jax import train as train_lib
 from alphafuse_jax.models import llmesr
-from tests.test_embeddings import numpy_contrastive_loss2
 from configs import tiny
 
 N, D_L, H, ADAPTER, L = 12, 8, 4, 6, 5
@@ -33,18 +33,15 @@ def make_model(bug_compatible=False, **kwargs):
   return llmesr.LLMESR(item_embedding, L, bug_compatible=bug_compatible, **kwargs)
 
 
-def init_all(module, history):
-  # As train.create_train_state: the auxiliary terms add no parameters of their own.
-  return module.score(module(history, deterministic=True))
-
-
 HISTORY = jnp.array([[PAD, PAD, 3, 7, 1],
                      [0, 5, 5, 9, 11],
                      [PAD, PAD, PAD, PAD, 2]], jnp.int32)
 
 
 def init(model):
-  return model.init(jax.random.key(0), HISTORY, method=init_all)['params']
+  # As train.init_params: `init_all` touches the encoder, the scores and the auxiliary terms
+  # (which add no parameters of their own).
+  return model.init(jax.random.key(0), HISTORY, method='init_all')['params']
 
 
 def states(model, params, history=HISTORY):
@@ -76,17 +73,19 @@ def test_state_shape_and_scores():
   np.testing.assert_allclose(full[:, -1], s, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('block', ['reference', 'standard'])
+# The standard-block variant is slow (about 9 s): `bash launch/test.sh -m slow` runs it.
+@pytest.mark.parametrize('block', ['reference', pytest.param('standard', marks=pytest.mark.slow)])
 def test_id_table_feeds_the_encoder_only_in_the_dual_view(block):
   for bug in (False, True):
     model = make_model(bug, block=block)
     params = init(model)
-    grads = jax.grad(lambda p: jnp.sum(states(model, p) ** 2))(params)
+    forward = jax.jit(lambda p, m=model: states(m, p))  # One program: bitwise comparisons.
+    grads = jax.grad(lambda p: jnp.sum(forward(p) ** 2))(params)
     id_grad = np.abs(np.asarray(grads['item_embedding']['id_table']))
     shifted = flax.core.copy(params, {})
     shifted['item_embedding'] = dict(params['item_embedding'],
                                      id_table=params['item_embedding']['id_table'] + 1.0)
-    changed = np.abs(np.asarray(states(model, shifted) - states(model, params))).max()
+    changed = np.abs(np.asarray(forward(shifted) - forward(params))).max()
     if bug:
       # The ID path is fed the text view: the encoder output ignores the ID table entirely.
       assert id_grad.max() == 0.0
@@ -126,15 +125,44 @@ def test_cross_attention_matches_numpy_and_ignores_padded_keys():
   x = rng.normal(size=(2, 5, 6)).astype(np.float32)
   y = rng.normal(size=(2, 5, 6)).astype(np.float32)
   pad = np.array([[True, True, False, False, False], [False] * 5])
-  module = emb.LLMESRCrossAttention(6, 2)
+  module = llmesr.LLMESRCrossAttention(6, 2)
   params = module.init(jax.random.key(2), x, y, pad)['params']
-  out = module.apply({'params': params}, x, y, pad)
+  # One compiled function for both calls below, so the padding check can be bitwise.
+  attend = jax.jit(lambda y_: module.apply({'params': params}, x, y_, pad))
+  out = attend(y)
   np.testing.assert_allclose(out, numpy_cross_attention(params, x, y, pad, 2), rtol=1e-5,
                              atol=1e-5)
   # Any value at a padded key/value position changes nothing.
   y2 = y.copy()
   y2[0, :2] = 100.0 * rng.normal(size=(2, 6))
-  np.testing.assert_array_equal(module.apply({'params': params}, x, y2, pad), out)
+  np.testing.assert_array_equal(attend(y2), out)
+
+
+def numpy_contrastive_loss2(x, y, tau=1.0):
+  """Transcription of the reference's Contrastive_Loss2 in numpy (float64)."""
+  def log_softmax(a):
+    a = a - a.max(1, keepdims=True)
+    return a - np.log(np.exp(a).sum(1, keepdims=True))
+  logits = x @ y.T / tau
+  sim = (y @ y.T + x @ x.T) / 2 * tau
+  targets = np.exp(log_softmax(sim))
+  x_loss = -(targets * log_softmax(logits)).sum(1)
+  y_loss = -(targets.T * log_softmax(logits.T)).sum(1)
+  return ((x_loss + y_loss) / 2).mean()
+
+
+def test_contrastive_loss2_matches_reference_and_mask():
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+  for tau in (1.0, 0.5):
+    np.testing.assert_allclose(llmesr.contrastive_loss2(jnp.asarray(x), jnp.asarray(y),
+                                                        temperature=tau),
+                               numpy_contrastive_loss2(x, y, tau), rtol=1e-5)
+  # Masked rows of a padded batch are left out entirely.
+  mask = np.array([True, False, True, True, False, True])
+  np.testing.assert_allclose(llmesr.contrastive_loss2(jnp.asarray(x), jnp.asarray(y),
+                                                      mask=jnp.asarray(mask)),
+                             numpy_contrastive_loss2(x[mask], y[mask]), rtol=1e-5)
 
 
 def test_item_contrastive_term_matches_numpy():
@@ -153,7 +181,7 @@ def test_item_contrastive_term_matches_numpy():
                     method='item_contrastive_loss')
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   weighted = model.apply({'params': params}, HISTORY, None, jnp.asarray(row_mask),
-                         deterministic=True, method='batch_auxiliary_loss')
+                         deterministic=True, method='batch_loss')
   np.testing.assert_allclose(weighted, 0.1 * expected, rtol=1e-5)
 
 
@@ -169,7 +197,8 @@ def test_padding_changes_nothing():
   # Items before the kept window's padding do not exist: a row equals its unpadded content,
   # whatever the other rows of the batch hold.
   alone = states(model, params, HISTORY[2:])
-  np.testing.assert_allclose(alone[0], base[2], rtol=1e-5, atol=1e-6)
+  # Batches of 1 and 3 rows compile differently: a float32 tolerance for O(1) states.
+  np.testing.assert_allclose(alone[0], base[2], rtol=1e-5, atol=1e-5)
 
 
 def test_retrieval_matches_brute_force():
@@ -215,7 +244,8 @@ def test_bad_encoder_configuration_raises():
       init(make_model(**kwargs))
 
 
-@pytest.mark.parametrize('loss', ['kd', 'cl'])
+# The 'cl' variant is slow (about 15 s): `bash launch/test.sh -m slow` runs it.
+@pytest.mark.parametrize('loss', ['kd', pytest.param('cl', marks=pytest.mark.slow)])
 def test_distillation_matches_numpy(loss):
   similar = np.array([[1, 2], [0, 2], [0, 1]], np.int32)
   teacher_histories = np.asarray(HISTORY)[::-1]  # User u's teacher sequence.
@@ -234,19 +264,68 @@ def test_distillation_matches_numpy(loss):
   else:
     expected = numpy_contrastive_loss2(student[keep], teacher[keep])
   got = model.apply({'params': params}, HISTORY, user_id, row_mask, deterministic=True,
-                    method='batch_auxiliary_loss')
+                    method='batch_loss')
   np.testing.assert_allclose(got, 0.5 * expected, rtol=1e-4)
   # The teacher is a constant: its sequences get no gradient through the distillation.
   # (Two rows: a one-row Contrastive_Loss2 is constant.)
   grads = jax.grad(lambda p: model.apply({'params': p}, HISTORY[:2], user_id[:2],
                                          jnp.array([True, True]), deterministic=True,
-                                         method='batch_auxiliary_loss'))(params)
+                                         method='batch_loss'))(params)
   id_grad = np.abs(np.asarray(grads['item_embedding']['id_table'])).sum(axis=1)
   only_teacher = np.setdiff1d(teacher_histories[similar[[2, 0]]].ravel(),
                               np.asarray(HISTORY[:2]))
   assert list(only_teacher) == [2]  # The pad id is in HISTORY[:2] too.
   assert np.all(id_grad[2] == 0)
   assert np.all(id_grad[[3, 7, 1, 0, 5, 9, 11]] > 0)
+
+
+@pytest.mark.parametrize('objective', [
+    losses.Objective('ce'),
+    losses.Objective('infonce', num_negatives=4, temperature=0.1),
+    losses.Objective('bce', num_negatives=3, negative_scoring='gather'),
+    losses.Objective('ce', per_position=True)])
+def test_example_loss_is_the_row_loss_weighted_by_its_mask(objective):
+  """`example_loss` on one row = the old train step's computation: the train-mode state (every
+  position's with per_position) scored by `losses.per_example_loss`, weighted by the mask."""
+  model = make_model(objective=objective)
+  params = init(model)
+  variables = {'params': params}
+  rngs, loss_key = model.split_example_key(jax.random.key(5))
+  table_rngs = {'dropout': jax.random.key(6), 'gating': jax.random.key(7)}
+  train_table = model.apply(variables, rngs=table_rngs, method='train_table')
+  assert (train_table is None) == objective.gathers
+  example = jax.jit(lambda h, t, m: model.apply(variables, h, t, m, loss_key, train_table,
+                                                rngs=rngs, method='example_loss'))
+
+  @jax.jit
+  def direct(history, target, mask):
+    table = model.apply(variables, deterministic=False, rngs=table_rngs, method='item_table')
+    if objective.per_position:
+      states = model.apply(variables, history[None], deterministic=False, rngs=rngs,
+                           method='encode')[0]
+      targets, valid = losses.positional_targets(history[None], target[None], N)
+      targets, weights = targets[0], valid[0].astype(jnp.float32) * mask
+    else:
+      states = model.apply(variables, history[None], deterministic=False, rngs=rngs)[0]
+      targets, weights = target, mask.astype(jnp.float32)
+    targets = jnp.where(weights > 0, targets, 0)
+    loss = losses.per_example_loss(
+        objective.kind, states, targets, table, num_items=N, key=loss_key,
+        num_negatives=objective.num_negatives, temperature=objective.temperature,
+        dense=objective.negative_scoring == 'dense')
+    return loss, weights
+
+  for row in range(HISTORY.shape[0]):
+    for target, mask in ((jnp.asarray(row + 4), True), (jnp.asarray(PAD), False)):
+      got_loss, got_weight = example(HISTORY[row], target, jnp.asarray(mask))
+      want_loss, want_weight = direct(HISTORY[row], target, jnp.asarray(mask))
+      assert got_loss.shape == got_weight.shape == ((L,) if objective.per_position else ())
+      # Weights are 0/1 flags: exact. Losses: two programs, a float32 tolerance.
+      np.testing.assert_array_equal(got_weight, want_weight)
+      np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+      assert np.all(np.isfinite(np.asarray(got_loss)))
+      if not mask:  # A padding row of the last batch counts nowhere.
+        assert not np.any(np.asarray(got_weight))
 
 
 def make_synthetic(root: pathlib.Path) -> dict:

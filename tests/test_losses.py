@@ -8,6 +8,8 @@ import pytest
 from alphafuse_jax import losses
 
 N, H, B, K = 7, 5, 6, 4
+# float32 losses of O(1) against float64 oracles: a tolerance any CPU and fusion order honours.
+TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def _np_log_softmax(x):
@@ -31,6 +33,11 @@ def _data(seed=0):
   return states, table, targets
 
 
+def _weighted_mean(values, weights):
+  """The train step's reduction of (loss, weight) pairs: sum(w * v) / max(sum(w), 1)."""
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def test_negatives_never_hit_the_target_and_are_uniform_over_the_rest():
   targets = jnp.array([0, 3, 6, 2], jnp.int32)
   negatives = np.asarray(losses.sample_negatives(jax.random.key(0), targets, N, 3000))
@@ -49,15 +56,22 @@ def test_negatives_never_hit_the_target_and_are_uniform_over_the_rest():
 def test_ce_matches_numpy_and_accepts_the_pad_row():
   states, table, targets = _data()
   logits = states.astype(np.float64) @ table[:N].astype(np.float64).T
-  expected = -_np_log_softmax(logits)[np.arange(B), targets].mean()
-  got_n = losses.ce_loss(jnp.asarray(states), jnp.asarray(table[:N]), jnp.asarray(targets))
-  got_n1 = losses.loss('ce', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
-                       num_items=N)
-  np.testing.assert_allclose(got_n, expected, rtol=1e-5)
-  np.testing.assert_allclose(got_n1, expected, rtol=1e-5)
+  expected = -_np_log_softmax(logits)[np.arange(B), targets]
+  got = losses.ce_per_example(jnp.asarray(states), jnp.asarray(table[:N]), jnp.asarray(targets))
+  # A table of N rows or of N + 1 rows (the pad row is dropped) gives the same per-row values.
+  got_n = losses.per_example_loss('ce', jnp.asarray(states), jnp.asarray(targets),
+                                  jnp.asarray(table[:N]), num_items=N)
+  got_n1 = losses.per_example_loss('ce', jnp.asarray(states), jnp.asarray(targets),
+                                   jnp.asarray(table), num_items=N)
+  assert got.shape == got_n.shape == got_n1.shape == (B,)
+  for value in (got, got_n, got_n1):
+    np.testing.assert_allclose(value, expected, **TOL)
   with pytest.raises(ValueError, match='rows'):
-    losses.loss('ce', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table[:3]),
-                num_items=N)
+    losses.per_example_loss('ce', jnp.asarray(states), jnp.asarray(targets),
+                            jnp.asarray(table[:3]), num_items=N)
+  with pytest.raises(ValueError, match='full item table'):
+    losses.per_example_loss('ce', jnp.asarray(states), jnp.asarray(targets),
+                            lambda ids: jnp.take(jnp.asarray(table), ids, axis=0), num_items=N)
 
 
 def _np_bce(states, table, targets, negatives, valid):
@@ -77,61 +91,66 @@ def _np_infonce(states, table, targets, negatives, tau, valid):
   return -_np_log_softmax(logits)[:, 0][valid].mean()
 
 
-def test_bce_and_infonce_match_numpy_with_the_same_negatives():
+@pytest.mark.parametrize('dense', [False, True])
+def test_bce_and_infonce_match_numpy_with_the_same_negatives(dense):
   states, table, targets = _data(1)
   key = jax.random.key(3)
   negatives = np.asarray(losses.sample_negatives(key, jnp.asarray(targets), N, K))
   valid = np.ones(B, bool)
-  args = (jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table), key)
-  got = losses.bce_loss(*args, num_items=N, num_negatives=K)
-  np.testing.assert_allclose(got, _np_bce(states, table, targets, negatives, valid), rtol=1e-5)
-  got = losses.infonce_loss(*args, num_items=N, num_negatives=K, temperature=0.07)
+  args = (jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table))
+  kwargs = dict(num_items=N, key=key, num_negatives=K, dense=dense)
+  got = losses.per_example_loss('bce', *args, **kwargs)
+  assert got.shape == (B,)
+  np.testing.assert_allclose(jnp.mean(got), _np_bce(states, table, targets, negatives, valid),
+                             **TOL)
+  got = losses.per_example_loss('infonce', *args, temperature=0.07, **kwargs)
   np.testing.assert_allclose(
-      got, _np_infonce(states, table, targets, negatives, 0.07, valid), rtol=1e-5)
-  # A lookup function gives the same value as the table.
-  lookup = lambda ids: jnp.take(jnp.asarray(table), ids, axis=0)
-  got_fn = losses.infonce_loss(args[0], args[1], lookup, key, num_items=N, num_negatives=K,
-                               temperature=0.07)
-  np.testing.assert_allclose(got_fn, got, rtol=1e-6)
+      jnp.mean(got), _np_infonce(states, table, targets, negatives, 0.07, valid), **TOL)
+  if not dense:
+    # A lookup function gives the same value as the table (two graphs: a tolerance).
+    lookup = lambda ids: jnp.take(jnp.asarray(table), ids, axis=0)
+    got_fn = losses.per_example_loss('infonce', args[0], args[1], lookup, temperature=0.07,
+                                     **kwargs)
+    np.testing.assert_allclose(got_fn, got, **TOL)
 
 
 @pytest.mark.parametrize('kind', ['ce', 'bce', 'infonce'])
 def test_padded_rows_do_not_count(kind):
+  """The backbones' contract: padded rows (weight 0) point at item 0 and get weight 0."""
   states, table, targets = _data(2)
   weights = np.array([1, 1, 1, 1, 0, 0], np.float32)
-  padded_targets = targets.copy()
-  padded_targets[4:] = N  # Padded rows carry the pad id as target.
+  valid = weights > 0
+  # Padded rows carry the pad id N as target; `Recommender.example_loss` sends them to item 0.
+  used_targets = np.where(valid, targets, 0).astype(np.int32)
   key = jax.random.key(5)
   kwargs = dict(num_items=N, key=key, num_negatives=K, temperature=0.1)
 
   def padded_loss(s):
-    return losses.loss(kind, s, jnp.asarray(padded_targets), jnp.asarray(table),
-                       weights=jnp.asarray(weights), **kwargs)
+    values = losses.per_example_loss(kind, s, jnp.asarray(used_targets), jnp.asarray(table),
+                                     **kwargs)
+    return _weighted_mean(values, jnp.asarray(weights))
 
   got, grad = jax.value_and_grad(padded_loss)(jnp.asarray(states))
-  valid = weights > 0
   if kind == 'ce':
     logits = states.astype(np.float64) @ table[:N].astype(np.float64).T
     expected = -_np_log_softmax(logits)[np.arange(B), targets][valid].mean()
   else:
-    # The padded targets were replaced by item 0 before sampling; the valid rows' draws match.
-    negatives = np.asarray(losses.sample_negatives(
-        key, jnp.asarray(np.where(valid, targets, 0)), N, K))
+    # The valid rows' draws are those of their own targets.
+    negatives = np.asarray(losses.sample_negatives(key, jnp.asarray(used_targets), N, K))
     oracle = _np_bce if kind == 'bce' else (
         lambda *a: _np_infonce(*a[:4], 0.1, a[4]))
     expected = oracle(states, table, targets, negatives, valid)
-  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(got, expected, **TOL)
   grad = np.asarray(grad)
   assert np.all(np.isfinite(grad))
+  # Exact zeros: a padded row's state only reaches the loss through its own value times 0.
   np.testing.assert_array_equal(grad[~valid], 0.0)
   assert np.abs(grad[valid]).sum() > 0
-  # All-zero weights give 0, not NaN.
-  zero = losses.loss(kind, jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
-                     weights=jnp.zeros(B), **kwargs)
-  assert float(zero) == 0.0
 
 
 def test_positional_loss_matches_a_per_position_numpy_loop():
+  """Leave-one-out training: the mean over counted positions of `per_example_loss` on
+  `positional_targets` (as `Recommender.example_loss` with per_position does it)."""
   rng = np.random.default_rng(4)
   seq_len = 4
   history = np.array([[N, N, 1, 2],
@@ -145,47 +164,94 @@ def test_positional_loss_matches_a_per_position_numpy_loop():
 
   next_items, valid = losses.positional_targets(jnp.asarray(history), jnp.asarray(targets), N)
   np.testing.assert_array_equal(next_items[0], [N, 1, 2, 3])
+  np.testing.assert_array_equal(next_items[1], [3, 5, 6, 2])
   np.testing.assert_array_equal(valid[0], [False, False, True, True])
+  np.testing.assert_array_equal(valid[1], [True] * 4)
   np.testing.assert_array_equal(valid[2], [False] * 4)
+  np.testing.assert_array_equal(valid[3], [False, True, True, True])
 
   key = jax.random.key(7)
   # Counted positions: (0, 2) -> 2, (0, 3) -> 3, (1, 0..3) -> 3, 5, 6, 2. Row 3 has weight 0.
   counted = [(0, 2, 2), (0, 3, 3), (1, 0, 3), (1, 1, 5), (1, 2, 6), (1, 3, 2)]
+  position_weights = np.asarray(valid, np.float32) * row_weights[:, None]
+  # Non-counted positions get item 0 as target, so no NaN reaches the gradient.
+  used = np.where(position_weights > 0, np.asarray(next_items), 0).astype(np.int32)
+  negatives = np.asarray(losses.sample_negatives(key, jnp.asarray(used), N, K))
   for kind in ('ce', 'bce', 'infonce'):
-    got = losses.positional_loss(kind, jnp.asarray(encoded), jnp.asarray(history),
-                                 jnp.asarray(targets), jnp.asarray(table), num_items=N, key=key,
-                                 num_negatives=K, temperature=0.2,
-                                 weights=jnp.asarray(row_weights))
-    # The loss draws negatives for the [4, L] targets with non-counted positions set to item 0.
-    used = np.where(np.asarray(valid) & (row_weights[:, None] > 0), np.asarray(next_items), 0)
-    negatives = np.asarray(losses.sample_negatives(key, jnp.asarray(used), N, K))
-    values = []
+    values = losses.per_example_loss(kind, jnp.asarray(encoded), jnp.asarray(used),
+                                     jnp.asarray(table), num_items=N, key=key, num_negatives=K,
+                                     temperature=0.2)
+    assert values.shape == (4, seq_len)
+    got = _weighted_mean(values, jnp.asarray(position_weights))
+    expected = []
     for b, i, target in counted:
       s = encoded[b, i].astype(np.float64)
       e = table.astype(np.float64)
       if kind == 'ce':
-        values.append(-_np_log_softmax(e[:N] @ s)[target])
+        expected.append(-_np_log_softmax(e[:N] @ s)[target])
       elif kind == 'bce':
-        values.append(_np_softplus(-(s @ e[target])) + _np_softplus(e[negatives[b, i]] @ s).mean())
+        expected.append(_np_softplus(-(s @ e[target]))
+                        + _np_softplus(e[negatives[b, i]] @ s).mean())
       else:
         sn = _np_normalize(s)
         logits = np.concatenate([[sn @ _np_normalize(e[target])],
                                  _np_normalize(e[negatives[b, i]]) @ sn]) / 0.2
-        values.append(-_np_log_softmax(logits)[0])
-    np.testing.assert_allclose(got, np.mean(values), rtol=1e-5, err_msg=kind)
+        expected.append(-_np_log_softmax(logits)[0])
+    np.testing.assert_allclose(got, np.mean(expected), err_msg=kind, **TOL)
 
 
 def test_bad_arguments_raise():
   states, table, targets = _data()
+  args = (jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table))
   with pytest.raises(ValueError, match='config.train.loss'):
-    losses.loss('hinge', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
-                num_items=N)
+    losses.per_example_loss('hinge', *args, num_items=N)
   with pytest.raises(ValueError, match='random key'):
-    losses.loss('bce', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
-                num_items=N)
+    losses.per_example_loss('bce', *args, num_items=N)
   with pytest.raises(ValueError, match='temperature'):
-    losses.loss('infonce', jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table),
-                num_items=N, key=jax.random.key(0), temperature=0.0)
+    losses.per_example_loss('infonce', *args, num_items=N, key=jax.random.key(0),
+                            temperature=0.0)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(kind='hinge'), 'config.train.loss'),
+    (dict(kind='bce', negative_scoring='sparse'), 'config.train.negative_scoring'),
+    (dict(kind='bce', num_negatives=0), 'config.train.num_negatives'),
+    (dict(kind='infonce', num_negatives=-1), 'config.train.num_negatives'),
+])
+def test_objective_validates_its_fields(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    losses.Objective(**kwargs)
+
+
+def test_objective_per_example_uses_its_settings():
+  # Full-softmax CE ignores K (no negatives are drawn).
+  assert losses.Objective('ce', num_negatives=0).kind == 'ce'
+  assert not losses.Objective('ce', negative_scoring='gather').gathers
+  assert not losses.Objective('bce', negative_scoring='dense').gathers
+  assert losses.Objective('infonce', negative_scoring='gather').gathers
+
+  states, table, targets = _data(3)
+  key = jax.random.key(11)
+  negatives = np.asarray(losses.sample_negatives(key, jnp.asarray(targets), N, K))
+  valid = np.ones(B, bool)
+  expected = _np_infonce(states, table, targets, negatives, 0.2, valid)
+  lookup = lambda ids: jnp.take(jnp.asarray(table), ids, axis=0)
+  gather = losses.Objective('infonce', num_negatives=K, temperature=0.2,
+                            negative_scoring='gather')
+  dense = losses.Objective('infonce', num_negatives=K, temperature=0.2, negative_scoring='dense')
+  # K, tau and the scoring reach the loss: a lookup function with 'gather', a table with 'dense'.
+  got = gather.per_example(jnp.asarray(states), jnp.asarray(targets), lookup, key=key,
+                           num_items=N)
+  np.testing.assert_allclose(jnp.mean(got), expected, **TOL)
+  got = dense.per_example(jnp.asarray(states), jnp.asarray(targets), jnp.asarray(table), key=key,
+                          num_items=N)
+  np.testing.assert_allclose(jnp.mean(got), expected, **TOL)
+  with pytest.raises(ValueError, match='full item table'):
+    dense.per_example(jnp.asarray(states), jnp.asarray(targets), lookup, key=key, num_items=N)
+  ce = losses.Objective('ce').per_example(jnp.asarray(states), jnp.asarray(targets),
+                                          jnp.asarray(table), key=key, num_items=N)
+  logits = states.astype(np.float64) @ table[:N].astype(np.float64).T
+  np.testing.assert_allclose(ce, -_np_log_softmax(logits)[np.arange(B), targets], **TOL)
 
 
 @pytest.mark.parametrize('kind', ['bce', 'infonce'])
@@ -201,7 +267,7 @@ def test_dense_scoring_equals_gathered_embeddings(kind):
     return jnp.sum(losses.per_example_loss(kind, states, targets, table, num_items=11, key=key,
                                            num_negatives=4, temperature=0.5, dense=dense))
 
-  np.testing.assert_allclose(total(table, True), total(table, False), rtol=1e-5)
+  np.testing.assert_allclose(total(table, True), total(table, False), **TOL)
   np.testing.assert_allclose(jax.grad(total)(table, True), jax.grad(total)(table, False),
                              rtol=1e-4, atol=1e-6)
 
@@ -209,9 +275,9 @@ def test_dense_scoring_equals_gathered_embeddings(kind):
 def test_l2_normalize_has_torch_gradient_at_zero():
   """A zero row (zeros-initialised ID table) gets torch's finite gradient 1/eps, not NaN."""
   x = jnp.zeros((2, 3), jnp.float32).at[1].set(jnp.array([3.0, 4.0, 0.0]))
-  np.testing.assert_allclose(losses.l2_normalize(x), [[0, 0, 0], [0.6, 0.8, 0]], atol=1e-7)
+  np.testing.assert_allclose(losses.l2_normalize(x), [[0, 0, 0], [0.6, 0.8, 0]], **TOL)
   grad = jax.grad(lambda x: jnp.sum(losses.l2_normalize(x)[:, 0]))(x)
   assert np.all(np.isfinite(np.asarray(grad)))
-  np.testing.assert_allclose(grad[0], [1.0 / losses.NORMALIZE_EPS, 0.0, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(grad[0], [1.0 / losses.NORMALIZE_EPS, 0.0, 0.0], rtol=1e-5)
   # Away from zero: d(x0/|x|)/dx = (|x|^2 e0 - x0 x) / |x|^3 = [0.64, -0.48, 0] / 5.
-  np.testing.assert_allclose(grad[1], [0.128, -0.096, 0.0], rtol=1e-5)
+  np.testing.assert_allclose(grad[1], [0.128, -0.096, 0.0], **TOL)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alphafuse_jax import evaluation
 from alphafuse_jax import metrics
 
 
@@ -35,14 +36,19 @@ def test_tie_at_the_cutoff_changes_hr():
   # Target (item 0) ties with item 5 after four strictly better items: rank 5 or 6.
   scores = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0, 1.0, 0.0]])
   targets = jnp.array([0])
-  optimistic = metrics.ranking_metrics(metrics.target_ranks(scores, targets), ks=(5,))
-  pessimistic = metrics.ranking_metrics(
-      metrics.target_ranks(scores, targets, ties='pessimistic'), ks=(5,))
-  assert float(optimistic['HR@5']) == 1.0
-  assert float(optimistic['NDCG@5']) == pytest.approx(1 / math.log2(6))
-  assert float(optimistic['MRR@5']) == pytest.approx(0.2)
-  assert float(pessimistic['HR@5']) == 0.0
-  assert float(pessimistic['NDCG@5']) == 0.0
+  optimistic_rank = metrics.target_ranks(scores, targets)
+  pessimistic_rank = metrics.target_ranks(scores, targets, ties='pessimistic')
+  np.testing.assert_array_equal(optimistic_rank, [5])
+  np.testing.assert_array_equal(pessimistic_rank, [6])
+  optimistic = metrics.summarize_ranks(np.asarray(optimistic_rank), ks=(5,))
+  pessimistic = metrics.summarize_ranks(np.asarray(pessimistic_rank), ks=(5,))
+  # Host-side float64 means of one row: hits are exactly 1.0 or 0.0.
+  assert optimistic['HR@5'] == 1.0
+  assert optimistic['NDCG@5'] == pytest.approx(1 / math.log2(6), rel=1e-12)
+  assert optimistic['MRR@5'] == pytest.approx(0.2, rel=1e-12)
+  assert pessimistic['HR@5'] == 0.0
+  assert pessimistic['NDCG@5'] == 0.0
+  assert pessimistic['MRR@5'] == 0.0
 
 
 def test_nan_target_score_gets_the_worst_rank():
@@ -72,46 +78,46 @@ def test_exclude_padded_index_list_never_drops_the_target():
     metrics.target_ranks(scores, targets, jnp.zeros((2, 3), bool))
 
 
-def test_ranking_metrics_hand_computed_and_masked_rows():
-  # Ranks 1, 3, 12, 60 by hand; the fifth row is padding (mask False) and must not count.
-  ranks = jnp.array([1, 3, 12, 60, 1])
-  mask = jnp.array([True, True, True, True, False])
-  sums = metrics.ranking_metrics(ranks, mask)
+def test_summarize_ranks_hand_computed():
+  # Ranks 1, 3, 12, 60 by hand: means over the four rows, in float64.
   ndcg_12 = 1 / math.log2(13)  # 0.2702381...
-  expected = {
-      'count': 4,
+  sums = {
       'HR@1': 1, 'HR@5': 2, 'HR@10': 2, 'HR@20': 3, 'HR@50': 3,
       'NDCG@1': 1, 'NDCG@5': 1.5, 'NDCG@10': 1.5, 'NDCG@20': 1.5 + ndcg_12, 'NDCG@50': 1.5 + ndcg_12,
       'MRR@1': 1, 'MRR@5': 1 + 1 / 3, 'MRR@10': 1 + 1 / 3, 'MRR@20': 1 + 1 / 3 + 1 / 12,
       'MRR@50': 1 + 1 / 3 + 1 / 12,
   }
-  assert set(sums) == set(expected)
-  for key, value in expected.items():
-    assert float(sums[key]) == pytest.approx(value, rel=1e-6), key
-  means = metrics.finalize(sums)
-  assert means['HR@20'] == pytest.approx(0.75)
-  assert means['NDCG@20'] == pytest.approx((1.5 + ndcg_12) / 4, rel=1e-6)
-  assert means['MRR@5'] == pytest.approx((4 / 3) / 4, rel=1e-6)
+  means = metrics.summarize_ranks(np.array([1, 3, 12, 60]))
+  assert set(means) == set(sums) | {'count'}
   assert means['count'] == 4
-  # The host-side float64 summary of the four real ranks gives the same means.
-  host = metrics.summarize_ranks(np.array([1, 3, 12, 60]))
-  assert set(host) == set(means)
-  for key, value in expected.items():
-    assert host[key] == pytest.approx(value / 4 if key != 'count' else 4, rel=1e-12), key
+  for key, value in sums.items():
+    assert means[key] == pytest.approx(value / 4, rel=1e-12), key
+  assert means['HR@20'] == 0.75
+  # Custom cut-offs: only those keys. Rank 7: HR@7 = 1, NDCG@7 = 1 / log2(8) = 1/3, MRR@7 = 1/7.
+  custom = metrics.summarize_ranks(np.array([7, 8]), ks=(7,))
+  assert set(custom) == {'count', 'HR@7', 'NDCG@7', 'MRR@7'}
+  assert custom['HR@7'] == 0.5
+  assert custom['NDCG@7'] == pytest.approx(1 / 6, rel=1e-12)
+  assert custom['MRR@7'] == pytest.approx(1 / 14, rel=1e-12)
 
 
-def test_accumulate_over_batches_counts_every_example_once():
-  # Two batches of 3 rows (the second padded with one fake row) equal one batch of the 5 real rows.
-  ranks = np.array([1, 3, 12, 60, 2])
-  full = metrics.finalize(metrics.ranking_metrics(jnp.asarray(ranks)))
-  total = None
-  total = metrics.accumulate(total, metrics.ranking_metrics(jnp.asarray(ranks[:3])))
-  total = metrics.accumulate(total, metrics.ranking_metrics(
-      jnp.array([60, 2, 1]), jnp.array([True, True, False])))
-  batched = metrics.finalize(total)
-  assert batched['count'] == 5
-  for key in full:
-    assert batched[key] == pytest.approx(full[key], rel=1e-6), key
+def test_summarize_ranks_counts_every_entry_once():
+  # Ranks gathered as [batches, rows] (e.g. from several devices) count once each: the same means
+  # as the flat ranks, and the count is the number of entries.
+  ranks = np.array([1, 3, 12, 60, 2, 7])
+  flat = metrics.summarize_ranks(ranks)
+  batched = metrics.summarize_ranks(ranks.reshape(2, 3))
+  assert batched['count'] == flat['count'] == 6
+  assert batched == pytest.approx(flat, rel=1e-12)
+  assert flat['HR@5'] == pytest.approx(3 / 6, rel=1e-12)  # Ranks 1, 3, 2.
+  # Splitting the ranks into batches and weighting each batch's means by its count is the same.
+  first, second = metrics.summarize_ranks(ranks[:4]), metrics.summarize_ranks(ranks[4:])
+  for key in flat:
+    if key != 'count':
+      assert (4 * first[key] + 2 * second[key]) / 6 == pytest.approx(flat[key], rel=1e-12), key
+  # No example: count 0 and NaN means (there is nothing to average).
+  empty = metrics.summarize_ranks(np.zeros((0,), np.int32), ks=(10,))
+  assert empty['count'] == 0 and math.isnan(empty['HR@10']) and math.isnan(empty['NDCG@10'])
 
 
 def test_item_groups_top_fraction_ties_by_id():
@@ -124,34 +130,41 @@ def test_item_groups_top_fraction_ties_by_id():
     metrics.item_groups(counts, 1.5)
 
 
-def test_group_ids_and_grouped_metrics():
-  pad = 9
-  history = jnp.array([[pad, pad, 1, 2],   # length 2 -> short
-                       [0, 1, 2, 3],       # 4 -> long
-                       [pad, 4, 5, 6],     # 3 -> long (threshold 3: length < 3 is short)
-                       [pad, pad, pad, pad]])  # 0 -> short
-  np.testing.assert_array_equal(metrics.user_group_ids(history, pad, threshold=3), [0, 1, 1, 0])
-  is_head = np.zeros(9, bool)
-  is_head[[2, 7]] = True
-  targets = jnp.array([7, 0, 2, 5])
-  item_ids = metrics.item_group_ids(targets, is_head)
-  np.testing.assert_array_equal(item_ids, [1, 0, 1, 0])
-
-  ranks = jnp.array([1, 3, 12, 60])
-  mask = jnp.array([True, True, True, False])
-  sums = metrics.grouped_ranking_metrics(ranks, mask, item_ids, metrics.ITEM_GROUP_NAMES, ks=(10,))
-  means = metrics.finalize(sums)
-  # head: ranks 1 and 12 -> HR@10 1/2, NDCG@10 1/2, MRR@10 1/2; tail: rank 3 only (60 masked).
-  assert means['head/count'] == 2 and means['tail/count'] == 1
-  assert means['head/HR@10'] == pytest.approx(0.5)
-  assert means['head/NDCG@10'] == pytest.approx(0.5)
-  assert means['tail/HR@10'] == pytest.approx(1.0)
-  assert means['tail/NDCG@10'] == pytest.approx(0.5)
-  assert means['tail/MRR@10'] == pytest.approx(1 / 3)
-  # A group with no example has count 0 and NaN means.
-  empty = metrics.finalize(metrics.grouped_ranking_metrics(
-      ranks, mask, jnp.zeros(4, jnp.int32), ('a', 'b'), ks=(10,)))
-  assert empty['b/count'] == 0 and math.isnan(empty['b/HR@10'])
+def test_group_masks_and_group_metrics():
+  # The report's groups (evaluation.group_masks) and their means (summarize_ranks per group).
+  counts = np.array([1, 0, 9, 0, 3, 0, 0, 8, 2])
+  # head_fraction 0.25 of 9 items: the two most popular, items 2 (9) and 7 (8).
+  np.testing.assert_array_equal(np.flatnonzero(metrics.item_groups(counts, 0.25)), [2, 7])
+  targets = np.array([7, 0, 2, 5])
+  positions = np.array([2, 4, 3, 0])  # Items before each target; short: fewer than 3.
+  ranks = np.array([1, 3, 12, 60])
+  masks = evaluation.group_masks(counts, targets, positions, head_fraction=0.25,
+                                 short_history=3)
+  np.testing.assert_array_equal(masks['head_items'], [True, False, True, False])
+  np.testing.assert_array_equal(masks['tail_items'], [False, True, False, True])
+  np.testing.assert_array_equal(masks['short_users'], [True, False, False, True])
+  np.testing.assert_array_equal(masks['long_users'], [False, True, True, False])
+  means = evaluation.group_metrics(ranks, masks, ks=(10, 20))
+  assert set(means) == set(evaluation.GROUPS)
+  assert means['overall'] == pytest.approx(metrics.summarize_ranks(ranks, ks=(10, 20)))
+  # head: ranks 1 and 12 -> HR@10 1/2, NDCG@10 1/2, MRR@10 1/2; tail: ranks 3 and 60.
+  assert means['head_items']['count'] == 2 and means['tail_items']['count'] == 2
+  assert means['head_items']['HR@10'] == pytest.approx(0.5)
+  assert means['head_items']['NDCG@10'] == pytest.approx(0.5)
+  assert means['head_items']['MRR@10'] == pytest.approx(0.5)
+  assert means['tail_items']['HR@10'] == pytest.approx(0.5)
+  assert means['tail_items']['NDCG@10'] == pytest.approx(0.25)
+  assert means['tail_items']['MRR@10'] == pytest.approx(1 / 6)
+  # short: ranks 1 and 60; long: ranks 3 and 12 (HR@20 1, NDCG@20 (1/2 + 1/log2(13)) / 2).
+  assert means['short_users']['MRR@10'] == pytest.approx(0.5)
+  assert means['long_users']['HR@10'] == pytest.approx(0.5)
+  assert means['long_users']['HR@20'] == pytest.approx(1.0)
+  assert means['long_users']['NDCG@20'] == pytest.approx((0.5 + 1 / math.log2(13)) / 2)
+  # A group with no example is left out (there is nothing to average).
+  masks = evaluation.group_masks(counts, targets, positions, head_fraction=0.25,
+                                 short_history=0)
+  assert not masks['short_users'].any()
+  assert 'short_users' not in evaluation.group_metrics(ranks, masks, ks=(10,))
 
 
 def test_ranks_match_a_sort_on_random_scores_and_jit():

@@ -1,4 +1,4 @@
-"""Chunked full ranking (metrics.target_ranks_chunked, metrics.top_k_chunked).
+"""Chunked full ranking (metrics.target_ranks_chunked).
 
 Embeddings are small integers, so every score is exact in float32 whatever the matmul blocking:
 chunked and unchunked ranks must then be IDENTICAL, including many ties, excluded items, a chunk
@@ -106,20 +106,3 @@ def test_nan_target_gets_worst_rank_and_bad_arguments_fail():
   with pytest.raises(ValueError, match=r'expected \[12, S\]'):
     metrics.target_ranks_chunked(states, table, targets, np.zeros((5, 2), np.int32), chunk_size=8)
 
-
-@pytest.mark.parametrize('chunk_size, k', [(8, 5), (5, 9), (64, 37)])
-def test_top_k_chunked_matches_sorted_scores(chunk_size, k):
-  states, table, _, exclude = _problem(2)
-  scores = states.astype(np.float64) @ table.astype(np.float64).T
-  for b in range(B):
-    for e in exclude[b]:
-      if 0 <= e < N:
-        scores[b, e] = -np.inf
-  # Oracle: descending score, lower id first on ties (what lax.top_k does on the full scores).
-  order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
-  got_scores, got_ids = metrics.top_k_chunked(states, table, k, exclude, chunk_size=chunk_size)
-  finite = np.isfinite(np.take_along_axis(scores, order, 1))
-  np.testing.assert_array_equal(np.asarray(got_ids)[finite], order[finite])
-  np.testing.assert_array_equal(np.asarray(got_scores), np.take_along_axis(scores, order, 1))
-  with pytest.raises(ValueError, match='k=38'):
-    metrics.top_k_chunked(states, table, N + 1, chunk_size=chunk_size)

@@ -3,10 +3,10 @@
 Command:
   python -m alphafuse_jax.benchmarks.step_breakdown [--devices=2]
 
-The reference configuration of `alphafuse_jax.bench` (h=128, one reference block, InfoNCE with 64
-negatives, batch 256, N=3706, L=10) measured four ways, each in a fresh process with the forced
-host device count:
-  * the whole step as the training loop runs it (bench.py's train measurement);
+The reference configuration of `alphafuse_jax.benchmarks.sweep` (h=128, one reference block,
+InfoNCE with 64 negatives, batch 256, N=3706, L=10) measured four ways, each in a fresh process
+with the forced host device count:
+  * the whole step as the training loop runs it (sweep.py's train measurement);
   * the same step with dropout off: the difference is the cost of dropout's random bits;
   * the optimizer alone: optax's update (coupled L2 + Adam) and apply_updates on the parameters;
   * the host side alone: building one numpy batch (`data.batches`) and `put_batch` (the step
@@ -27,7 +27,7 @@ import time
 from absl import app
 from absl import flags
 
-from alphafuse_jax import bench  # Also defines --min_seconds, shared here.
+from alphafuse_jax.benchmarks import sweep  # Also defines --min_seconds, shared here.
 
 _DEVICES = flags.DEFINE_integer('devices', 2, 'Forced host devices (one per core by default).')
 _PART = flags.DEFINE_string('part', None, 'Internal: measure one part in this process.')
@@ -51,19 +51,21 @@ def measure_part(part: str, min_seconds: float) -> float:
   """Seconds per step of one part, in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from alphafuse_jax import data, parallel, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from alphafuse_jax import builders, data, parallel, train
 
   point = dict(POINT, devices=jax.device_count())
   if part in ('step', 'step_no_dropout'):
     if part == 'step_no_dropout':
       point['dropout_rate'] = 0.0
-    return bench.run_point(point, min_seconds, chunk_size=1024)['train_step_s']
-  config = bench._config(point)  # pylint: disable=protected-access
+    return sweep.run_point(point, min_seconds, chunk_size=1024)['train_step_s']
+  config = sweep._config(point)  # pylint: disable=protected-access
   dp = parallel.DataParallel('shard_map')
   if part == 'host':
     rng = np.random.default_rng(0)
     n = 100_000
-    history, target = bench._synthetic_history(rng, n, point['num_items'], point['max_len'])  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    history, target = sweep._synthetic_history(rng, n, point['num_items'], point['max_len'])
     arrays = {'history': history, 'target': target, 'user_id': np.zeros(n, np.int32),
               'position': np.zeros(n, np.int32)}
     it = iter(())
@@ -83,8 +85,8 @@ def measure_part(part: str, min_seconds: float) -> float:
     dataset = types.SimpleNamespace(num_items=point['num_items'], max_len=point['max_len'],
                                     train_item_counts=np.ones(point['num_items'], np.int64))
     language = np.random.default_rng(0).normal(
-        size=(point['num_items'], bench.LANGUAGE_DIM)) * config.text.scale
-    model = train.build_model(config, dataset, language)
+        size=(point['num_items'], sweep.LANGUAGE_DIM)) * config.text.scale
+    model = builders.build_model(config, dataset, language)
     state = train.create_train_state(model, config, jax.random.key(0))
     grads = jax.tree.map(lambda p: jax.numpy.full_like(p, 1e-3), state.params)
     update = jax.jit(lambda s, g: s.apply_gradients(grads=g), donate_argnums=(0,))
@@ -100,7 +102,8 @@ def measure_part(part: str, min_seconds: float) -> float:
 def main(argv):
   del argv
   if _PART.value:
-    print('PART_RESULT', json.dumps({'seconds': measure_part(_PART.value, bench._MIN_SECONDS.value)}))
+    seconds = measure_part(_PART.value, flags.FLAGS.min_seconds)
+    print('PART_RESULT', json.dumps({'seconds': seconds}))
     return
   env = dict(os.environ)
   flags_env = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
@@ -110,7 +113,7 @@ def main(argv):
   for part in ('step', 'step_no_dropout', 'optimizer', 'host'):
     proc = subprocess.run(
         [sys.executable, '-m', 'alphafuse_jax.benchmarks.step_breakdown', f'--part={part}',
-         f'--min_seconds={bench._MIN_SECONDS.value}'], cwd=_ROOT, env=env, capture_output=True,
+         f'--min_seconds={flags.FLAGS.min_seconds}'], cwd=_ROOT, env=env, capture_output=True,
         text=True, check=False)
     line = [l for l in proc.stdout.splitlines() if l.startswith('PART_RESULT ')]
     if proc.returncode or not line:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from alphafuse_jax import diffusion
+from alphafuse_jax.models import base
 from alphafuse_jax.models import layers
 from alphafuse_jax.models.sasrec import SASRec
 
@@ -80,7 +81,7 @@ class Denoiser(nn.Module):
     return layers.TorchDense(self.features, name='mlp_2')(y)
 
 
-class DreamRec(layers.ItemScoringBackbone):
+class DreamRec(base.Recommender):
   """DreamRec over an item-embedding submodule.
 
   Attributes:
@@ -101,6 +102,8 @@ class DreamRec(layers.ItemScoringBackbone):
     reference_quirks: feed the DDIM denoiser t = stride * n (t = T at the first step, off by one
       from the coefficients) as the reference does; False feeds the coefficient index.
     frequency_size: sinusoidal timestep features (reference 256).
+    eval_seed: seed of the evaluation noise: row r of a split always starts from the x_T of
+      fold_in(key(eval_seed), r), so every evaluation of a row draws the same noise.
   """
   item_embedding: nn.Module
   max_len: int
@@ -119,6 +122,7 @@ class DreamRec(layers.ItemScoringBackbone):
   sampler: str = 'ddim'
   reference_quirks: bool = False
   frequency_size: int = 256
+  eval_seed: int = 0
 
   def setup(self):
     hidden = self.item_embedding.features
@@ -157,12 +161,38 @@ class DreamRec(layers.ItemScoringBackbone):
     return self.encoder(history, deterministic=deterministic)
 
   def __call__(self, history: Array, *, deterministic: bool) -> Array:
-    """The condition c [B, h] (like SASRec's user state). While initialising it also runs the
-    denoiser once, so `init` through this method creates every parameter."""
-    cond = self.condition(history, deterministic=deterministic)
-    if self.is_initializing():
-      self.denoise(jnp.zeros_like(cond), cond, jnp.zeros(cond.shape[:1], jnp.int32))
-    return cond
+    """The condition c [B, h] (like SASRec's user state)."""
+    return self.condition(history, deterministic=deterministic)
+
+  # ---- the training contract (models/base.py) ---------------------------------------------------
+  def init_all(self, history: Array) -> Array:
+    """The base's `init_all` plus one denoiser call, so `init` creates every parameter."""
+    cond = self(history, deterministic=True)
+    self.denoise(jnp.zeros_like(cond), cond, jnp.zeros(cond.shape[:1], jnp.int32))
+    return super().init_all(history)
+
+  @staticmethod
+  def split_example_key(key: Array) -> tuple[dict[str, Array], Array]:
+    """The row's model key splits into its dropout streams and its diffusion key (t, noise, mask)."""
+    model_key, _ = jax.random.split(key)
+    dropout_key, diffusion_key = jax.random.split(model_key)
+    return base.rng_streams(dropout_key), diffusion_key
+
+  def train_table(self) -> Array | None:
+    return None  # x0 is the target's own embedding: no table in the loss.
+
+  def example_loss(self, history: Array, target: Array, mask: Array, key: Array,
+                   table: Array | None) -> tuple[Array, Array]:
+    """The diffusion loss of one row (see `loss`); gradients reach the table through x0."""
+    del table
+    target = jnp.where(mask, target, 0)  # A padding row points at item 0 (weight 0).
+    loss = self.loss(history[None], target[None], key, deterministic=False)[0]
+    return loss, mask.astype(jnp.float32)
+
+  def ranking_states(self, history: Array, index: Array) -> Array:
+    """The generated next-item embeddings [B, h], each row's noise from its split index."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(self.eval_seed), index)
+    return self.generate(history, keys)
 
   def denoise(self, x_t: Array, cond: Array, t: Array) -> Array:
     """f(x_t, c, t): the predicted x0 [B, h] for x_t [B, h], c [B, h] and int t [B]."""
@@ -214,26 +244,3 @@ class DreamRec(layers.ItemScoringBackbone):
       return diffusion.ddpm_sample(self.denoise, cond, self.none_embedding, key, self.schedule,
                                    w=w)
     raise ValueError(f'Unknown sampler {sampler!r}; use one of {diffusion.SAMPLERS}.')
-
-
-def from_config(config, item_embedding: nn.Module, max_len: int) -> DreamRec:
-  """DreamRec from `config.model` and `config.diffusion` (see configs/dreamrec.py).
-
-  Args:
-    config: the full config; reads model.{num_blocks, num_heads, dropout_rate, denoiser,
-      mlp_hidden_dim, p_uncond} and diffusion.{timesteps, beta_schedule, beta_start, beta_end,
-      sampler, sampling_stride, guidance_weight, reference_quirks}.
-    item_embedding: from `embeddings.make_item_embedding(config.embedding, ...)`.
-    max_len: the dataset's history length L.
-  """
-  if 'diffusion' not in config:
-    raise ValueError('config.diffusion is missing: DreamRec needs the diffusion section; start '
-                     'from configs/dreamrec.py.')
-  m, d = config.model, config.diffusion
-  return DreamRec(
-      item_embedding=item_embedding, max_len=max_len, num_blocks=m.num_blocks,
-      num_heads=m.num_heads, dropout_rate=m.dropout_rate, p_uncond=m.get('p_uncond', 0.1),
-      denoiser=m.get('denoiser', 'linear'), mlp_hidden_dim=m.get('mlp_hidden_dim', None),
-      timesteps=d.timesteps, beta_schedule=d.beta_schedule, beta_start=d.beta_start,
-      beta_end=d.beta_end, sampling_stride=d.sampling_stride, guidance_weight=d.guidance_weight,
-      sampler=d.get('sampler', 'ddim'), reference_quirks=d.get('reference_quirks', False))

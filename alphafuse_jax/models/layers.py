@@ -12,110 +12,20 @@ the reference's `sum(e) == 0` test; the masked scores get the reference's fill -
 """
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from alphafuse_jax.basic_layers import Dropout  # Re-exported for the backbones.
+from alphafuse_jax.basic_layers import TorchDense
+from alphafuse_jax.basic_layers import layer_norm
 
 Array = jax.Array
 
 # The reference fills masked attention scores with -2**32 + 1 (not -inf): a query row whose keys are
 # all masked then gets uniform weights instead of NaN. Those rows are padding and zeroed afterwards.
 MASK_FILL = -(2.0**32) + 1.0
-# PyTorch's LayerNorm epsilon (Flax's default is 1e-6).
-TORCH_LAYER_NORM_EPS = 1e-5
-
-
-def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
-  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear/Conv1d weights and biases."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
-    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
-
-  return init
-
-
-def layer_norm(name: str | None = None) -> nn.LayerNorm:
-  """A LayerNorm with PyTorch's epsilon and scale 1 / bias 0 init."""
-  return nn.LayerNorm(epsilon=TORCH_LAYER_NORM_EPS, name=name)
-
-
-class TorchDense(nn.Module):
-  """`torch.nn.Linear` (or a kernel-1 Conv1d): y = x W + b with W, b ~ U(±1/sqrt(fan_in)).
-
-  Parameters are named like `nn.Dense` (`kernel` [in, out], `bias` [out]).
-  """
-  features: int
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    fan_in = x.shape[-1]
-    init = torch_uniform_init(fan_in)
-    kernel = self.param('kernel', init, (fan_in, self.features))
-    y = jnp.matmul(x, kernel)
-    if self.use_bias:
-      y = y + self.param('bias', init, (self.features,))
-    return y
-
-
-class Dropout(nn.Module):
-  """Inverted dropout whose mask costs half the random bits of `nn.Dropout`.
-
-  `nn.Dropout` draws one 32-bit word per element, and JAX's (partitionable) threefry spends a
-  whole threefry2x32 call on each; random bits were about 20% of the SASRec train step on CPU.
-  Here each 32-bit word gives two 16-bit draws, so an element is dropped with probability
-  q = round(rate * 2^16) / 2^16 (|q - rate| <= 7.7e-6) and kept values are scaled by 1 / (1 - q),
-  which keeps the expectation exact. Same interface as `nn.Dropout` ('dropout' rng stream).
-  """
-  rate: float
-  rng_collection: str = 'dropout'
-
-  @nn.compact
-  def __call__(self, inputs: Array, deterministic: bool) -> Array:
-    if deterministic or self.rate == 0.0:
-      return inputs
-    threshold = int(round(self.rate * 65536))
-    if threshold >= 65536:
-      return jnp.zeros_like(inputs)
-    size = inputs.size
-    words = jax.random.bits(self.make_rng(self.rng_collection), ((size + 1) // 2,), jnp.uint32)
-    halves = jnp.concatenate([words & 0xFFFF, words >> 16])[:size].reshape(inputs.shape)
-    keep = halves >= threshold
-    # A multiply by a constant compiles identically in every program (a divide may be rewritten).
-    scale = np.asarray(65536.0 / (65536 - threshold), inputs.dtype)
-    return jnp.where(keep, inputs * scale, jnp.zeros_like(inputs))
-
-
-class ItemScoringBackbone(nn.Module):
-  """The scoring interface shared by the backbones (SASRec, LLM-ESR, DreamRec).
-
-  A subclass has an `item_embedding` field (an `embeddings` module); its user states (or
-  generated embeddings) are scored by dot product against that module's table of the N real items.
-  """
-
-  def item_table(self, *, deterministic: bool = True) -> Array:
-    """The N real items' embeddings [N, d] used for scoring."""
-    return self.item_embedding.table(deterministic=deterministic)
-
-  def embed_items(self, ids: Array, *, deterministic: bool) -> Array:
-    """Item embeddings [..., d] for ids [...] (targets and negatives of the sampled losses)."""
-    return self.item_embedding(ids, deterministic=deterministic)
-
-  def auxiliary_loss(self, *, deterministic: bool) -> Array:
-    """The item embedding's own extra loss (e.g. RLMRec's reconstruction; 0 for plain tables).
-
-    Whether a backbone adds it is the caller's choice: the reference's DreamRec script never does
-    (reference-spec 7 #17), and LLM-ESR's terms need the batch (`LLMESR.batch_auxiliary_loss`).
-    """
-    return self.item_embedding.auxiliary_loss(deterministic=deterministic)
-
-  def score(self, states: Array, *, deterministic: bool = True) -> Array:
-    """Dot-product scores [batch, N] of states [batch, d] against every real item."""
-    return jnp.matmul(states, self.item_table(deterministic=deterministic).T)
 
 
 def attention_mask(pad_mask: Array) -> Array:

@@ -8,7 +8,7 @@ The sequence side of the `llmesr` pipeline (the item side is `embeddings.LLMESRE
      `llm2id(llm_seqs, id_seqs)` / `id2llm(id_seqs, llm_seqs)`, kept by AlphaFuse's port);
   3. ONE shared encoder (reference or standard blocks, as SASRec) over each fused view; the user
      state is concat(id_h, text_h) [batch, 2h], scored against the 2h item table concat(ID, text);
-  4. auxiliary terms over the device batch (`batch_auxiliary_loss`):
+  4. auxiliary terms over the device batch (`batch_loss`):
      - beta * Contrastive_Loss2(ID view, text view) over every non-pad history item (the AlphaFuse
        authors' LLMESR baseline; `item_reg` in the LLM-ESR code);
      - alpha * self-distillation: the user state (student) is pulled towards the mean state of the
@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alphafuse_jax import embeddings as embeddings_lib
+from alphafuse_jax import losses
+from alphafuse_jax.models import base
 from alphafuse_jax.models import layers
 from alphafuse_jax.models import sasrec as sasrec_lib
 
@@ -127,13 +129,82 @@ def retrieve_similar_users(train_split: dict[str, np.ndarray], user_sequences: t
   return SimilarUsers(similar, histories)
 
 
+class LLMESRCrossAttention(nn.Module):
+  """LLM-ESR's Multi_CrossAttention: queries from x, keys/values from y.
+
+  Bias-free Q/K/V projections (h -> h), scores QK^T with padded keys set to -1e9 BEFORE the
+  1/sqrt(h / heads) scaling, softmax over keys, an output Linear with bias; no causal mask and no
+  dropout (reference-spec section 2.3).
+
+  Attributes:
+    hidden_dim: h (input and output width).
+    num_heads: 2 in the reference.
+  """
+  hidden_dim: int
+  num_heads: int = 2
+
+  @nn.compact
+  def __call__(self, x: Array, y: Array, key_padding_mask: Array) -> Array:
+    """x [B, L, h], y [B, S, h], key_padding_mask bool [B, S] (True = pad) -> [B, L, h]."""
+    if self.hidden_dim % self.num_heads:
+      raise ValueError(f'hidden_dim {self.hidden_dim} is not divisible by {self.num_heads} heads.')
+    head = self.hidden_dim // self.num_heads
+
+    def split(t):
+      return t.reshape(t.shape[:-1] + (self.num_heads, head))
+    q = split(layers.TorchDense(self.hidden_dim, use_bias=False, name='query')(x))
+    k = split(layers.TorchDense(self.hidden_dim, use_bias=False, name='key')(y))
+    v = split(layers.TorchDense(self.hidden_dim, use_bias=False, name='value')(y))
+    scores = jnp.einsum('blhd,bshd->bhls', q, k)
+    scores = jnp.where(key_padding_mask[:, None, None, :], -1e9, scores) / math.sqrt(head)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum('bhls,bshd->blhd', probs, v).reshape(x.shape[:-1] + (self.hidden_dim,))
+    return layers.TorchDense(self.hidden_dim, name='output')(out)
+
+
+def contrastive_loss2(x: Array, y: Array, *, temperature: float = 1.0,
+                      mask: Array | None = None) -> Array:
+  """LLM-ESR's Contrastive_Loss2 between two views of the same M items.
+
+  logits = X Y^T / tau; targets = row-softmax((Y Y^T + X X^T) / 2 * tau) (the reference
+  multiplies by tau here); loss = mean_i (CE_row_i(logits, targets) + CE_row_i(logits^T,
+  targets^T)) / 2, with CE(p, t) = -sum_j t_j log_softmax(p)_j. The reference calls it with
+  X = ID view and Y = text view of every non-pad item in the batch.
+
+  Args:
+    x: [M, h] first view.
+    y: [M, h] second view.
+    temperature: tau (1 in the reference).
+    mask: optional bool [M]; False rows/columns (padding of a static-shape batch) are left out,
+      which equals the reference on the selected rows.
+
+  Returns:
+    Scalar loss.
+  """
+  neg = jnp.asarray(-1e9, x.dtype)
+  logits = jnp.matmul(x, y.T) / temperature
+  similarity = (jnp.matmul(y, y.T) + jnp.matmul(x, x.T)) / 2 * temperature
+  if mask is None:
+    mask = jnp.ones((x.shape[0],), bool)
+  pair = mask[:, None] & mask[None, :]
+  targets = jax.nn.softmax(jnp.where(pair, similarity, neg), axis=-1)
+  targets = jnp.where(pair, targets, 0.0)
+  # Row-wise log-softmax over valid columns, and over valid rows for the transposed term.
+  row_log = jax.nn.log_softmax(jnp.where(pair, logits, neg), axis=1)
+  col_log = jax.nn.log_softmax(jnp.where(pair, logits, neg), axis=0)
+  x_loss = -jnp.sum(jnp.where(pair, targets * row_log, 0.0), axis=1)
+  y_loss = -jnp.sum(jnp.where(pair, targets * col_log, 0.0), axis=0)
+  count = jnp.maximum(jnp.sum(mask), 1)
+  return jnp.sum(jnp.where(mask, (x_loss + y_loss) / 2.0, 0.0)) / count
+
+
 def mse(x: Array, y: Array, weights: Array) -> Array:
   """torch MSELoss (mean over every element) restricted to rows with weight 1: x, y [B, d]."""
   per_row = jnp.mean(jnp.square(x - y), axis=-1)
   return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-class LLMESR(layers.ItemScoringBackbone):
+class LLMESR(base.Recommender):
   """The LLM-ESR backbone over an `LLMESREmbedding`, with SASRec's public methods.
 
   Attributes:
@@ -146,6 +217,7 @@ class LLMESR(layers.ItemScoringBackbone):
     distill_weight: alpha of the self-distillation (0 disables it).
     distill_loss: 'kd' (MSE) or 'cl' (Contrastive_Loss2).
     similar_users: the retrieval result; needed when distill_weight > 0.
+    objective: the training loss of the user states (as SASRec's).
   """
   item_embedding: embeddings_lib.LLMESREmbedding
   max_len: int
@@ -160,6 +232,7 @@ class LLMESR(layers.ItemScoringBackbone):
   distill_weight: float = 0.0
   distill_loss: str = 'kd'
   similar_users: SimilarUsers | None = None
+  objective: losses.Objective = losses.Objective()
 
   def setup(self):
     if not isinstance(self.item_embedding, embeddings_lib.LLMESREmbedding):
@@ -181,8 +254,8 @@ class LLMESR(layers.ItemScoringBackbone):
     self.position_embedding = nn.Embed(self.max_len, hidden,
                                        embedding_init=nn.initializers.normal(1.0))
     self.embedding_dropout = layers.Dropout(self.dropout_rate)
-    self.language_to_id = embeddings_lib.LLMESRCrossAttention(hidden, self.cross_heads)
-    self.id_to_language = embeddings_lib.LLMESRCrossAttention(hidden, self.cross_heads)
+    self.language_to_id = LLMESRCrossAttention(hidden, self.cross_heads)
+    self.id_to_language = LLMESRCrossAttention(hidden, self.cross_heads)
     # The shared encoder: the same blocks (same parameters) run over both fused views.
     self.blocks, self.final_ln = layers.encoder_blocks(
         self.block, self.num_blocks, self.num_heads, self.dropout_rate, self.pre_ln)
@@ -242,7 +315,7 @@ class LLMESR(layers.ItemScoringBackbone):
     """Contrastive_Loss2(ID view, text view) over the non-pad items of the rows kept [B, L]."""
     flat = history.reshape(-1)
     keep = ((history != self.num_items) & row_mask[:, None]).reshape(-1)
-    return embeddings_lib.contrastive_loss2(self.item_embedding.id_view(flat),
+    return contrastive_loss2(self.item_embedding.id_view(flat),
                                             self.item_embedding.text_view(flat), mask=keep)
 
   def distillation_loss(self, history: Array, user_id: Array, row_mask: Array, *,
@@ -263,9 +336,9 @@ class LLMESR(layers.ItemScoringBackbone):
     teacher = jax.lax.stop_gradient(teacher.reshape(batch, k, -1).mean(axis=1))
     if self.distill_loss == 'kd':
       return mse(student, teacher, row_mask.astype(student.dtype))
-    return embeddings_lib.contrastive_loss2(student, teacher, mask=row_mask)
+    return contrastive_loss2(student, teacher, mask=row_mask)
 
-  def batch_auxiliary_loss(self, history: Array, user_id: Array | None, row_mask: Array, *,
+  def batch_loss(self, history: Array, user_id: Array | None, row_mask: Array, *,
                            deterministic: bool) -> Array:
     """beta * item contrastive + alpha * self-distillation over one device batch (weighted).
 
@@ -282,25 +355,3 @@ class LLMESR(layers.ItemScoringBackbone):
       loss = loss + self.distill_weight * self.distillation_loss(
           history, user_id, row_mask, deterministic=deterministic)
     return loss
-
-
-def from_config(config, item_embedding: embeddings_lib.LLMESREmbedding, dataset,
-                language_embeddings: np.ndarray | None) -> LLMESR:
-  """The LLM-ESR backbone of `config` (model section + embedding.llmesr_* fields)."""
-  e, m = config.embedding, config.model
-  alpha = float(e.get('llmesr_distill_weight', 0.0) or 0.0)
-  if alpha < 0:
-    raise ValueError(f'config.embedding.llmesr_distill_weight={alpha} must be >= 0.')
-  similar = None
-  if alpha > 0:
-    similar = retrieve_similar_users(
-        dataset.splits['train'], dataset.user_sequences, language_embeddings,
-        num_users=len(dataset.user_keys), num_items=dataset.num_items,
-        num_similar=int(e.get('llmesr_num_similar_users', 10)))
-  return LLMESR(
-      item_embedding=item_embedding, max_len=dataset.max_len, block=m.block,
-      num_blocks=m.num_blocks, num_heads=m.num_heads, dropout_rate=m.dropout_rate,
-      pre_ln=m.get('pre_ln', True), cross_heads=int(e.get('llmesr_cross_heads', 2)),
-      bug_compatible=bool(e.get('llmesr_bug_compatible', False)),
-      item_reg_weight=float(e.aux_weight), distill_weight=alpha,
-      distill_loss=e.get('llmesr_distill_loss', 'kd'), similar_users=similar)

@@ -8,12 +8,9 @@ Two block styles (see `layers.py`):
       original code; e = Dropout(e) * m; `num_blocks` pre-LN (or post-LN) blocks; a final LayerNorm
       in the pre-LN case (post-LN outputs are already normalised).
 
-The item embedding is any module with the interface
-    num_items: int; features: int
-    __call__(ids, *, deterministic) -> [..., features]     (pad id = num_items)
-    table(*, deterministic=True) -> [num_items, features]  (real items only)
-    auxiliary_loss(*, deterministic) -> scalar
-e.g. `SimpleIdEmbedding` in this package or the pipelines of `alphafuse_jax.embeddings`.
+The item embedding is any `embeddings.ItemEmbedding` (pad id = num_items). SASRec trains by its
+`objective` (losses.Objective): the last position's state, or every position's (leave-one-out),
+against the item table (full softmax) or sampled negatives.
 """
 
 import math
@@ -22,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alphafuse_jax import losses
+from alphafuse_jax.models import base
 from alphafuse_jax.models import layers
 
 Array = jax.Array
@@ -46,7 +45,7 @@ def last_nonpad_index(pad_mask: Array) -> Array:
   return jnp.where(last < 0, seq_len - 1, last).astype(jnp.int32)
 
 
-class SASRec(layers.ItemScoringBackbone):
+class SASRec(base.Recommender):
   """SASRec backbone over an item-embedding submodule.
 
   Attributes:
@@ -57,6 +56,7 @@ class SASRec(layers.ItemScoringBackbone):
     num_heads: attention heads; the hidden width h = item_embedding.features must divide evenly.
     dropout_rate: dropout at embeddings, attention probabilities and FFN outputs.
     pre_ln: 'standard' only: pre-LN (True) or post-LN (False) residual sub-layers.
+    objective: the training loss (config.train.loss and friends).
   """
   item_embedding: nn.Module
   max_len: int
@@ -65,6 +65,7 @@ class SASRec(layers.ItemScoringBackbone):
   num_heads: int = 1
   dropout_rate: float = 0.1
   pre_ln: bool = True
+  objective: losses.Objective = losses.Objective()
 
   def setup(self):
     hidden = self.item_embedding.features

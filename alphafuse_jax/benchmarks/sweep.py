@@ -1,35 +1,36 @@
-"""Throughput benchmark: the real train step and chunked full-ranking evaluation, swept over scale.
+"""Throughput benchmark: the training loop's own train and eval steps, swept over scale.
 
 Command (full sweep; about 15 minutes on a 2-core CPU, see the report of the performance issue):
-  python -m alphafuse_jax.bench --out_dir=workdirs/bench
+  python -m alphafuse_jax.benchmarks.sweep --out_dir=workdirs/bench
 Smoke run (seconds):
-  python -m alphafuse_jax.bench --quick --out_dir=/tmp/bench
+  python -m alphafuse_jax.benchmarks.sweep --quick --out_dir=/tmp/bench
 
 What is measured, for the reference SASRec (configs/default.py: h=128, 1 reference block,
-InfoNCE with 64 negatives, batch 256) and the standard one (block='standard', 2 blocks):
+InfoNCE with 64 negatives, batch 256) and the standard one (block='standard', 2 blocks), built by
+`builders.build_model` as the loop builds them:
   * train: sequences/s of `train.make_train_step` mapped by `parallel.DataParallel` exactly as
     `train.train_and_evaluate` does (numpy batch -> put_batch -> step -> float(loss) every step),
     compile seconds (lower + compile), peak memory, and achieved FLOP/s;
-  * eval: examples/s of model forward + `metrics.target_ranks_chunked` over all N items (batch
-    1024, chunks of at most `--chunk_size` items, split evenly), compile seconds and FLOP/s.
-Sweeps: catalogue size N in 10^3..10^5 (train and eval) and 10^6 (eval of the ranking only, with
-random user states: the model is the same as at 10^5 and its 10^6-row frozen table would be a
+  * eval: examples/s of `evaluation.make_eval_step` mapped as `evaluation.Evaluator` maps it
+    (ranking states, then `metrics.target_ranks_chunked` over all N items in chunks of
+    min(--chunk_size, N), i.e. config.eval.item_chunk_size; batch 1024), compile s and FLOP/s.
+Sweeps: catalogue size N in 10^3..10^5 (train and eval) and 10^6 (the same eval step over random
+user states, `GivenStates`: the model is the one at 10^5, and its 10^6-row frozen table would be a
 512 MB compile-time constant); history length L in (10, 50, 200) and device count in (1, 2, 8)
 at the ML-1M catalogue size N=3706.
 
 Each point runs in a fresh subprocess (`--worker`) with
 XLA_FLAGS=--xla_force_host_platform_device_count=K, so device counts can differ and peak memory
 is per point. Peak memory: `jax.Device.memory_stats()['peak_bytes_in_use']` where the backend
-reports it (GPU/TPU); on CPU it returns None, so we report the growth of the process's peak RSS
-(`resource.getrusage(RUSAGE_SELF).ru_maxrss`) from just before the model is built to the end
-of the point (host memory: XLA CPU buffers, frozen tables, the host-side decomposition).
+reports it (GPU/TPU); on CPU (None there) the growth of the process's peak RSS (`ru_maxrss`) from
+just before the model is built (XLA CPU buffers, frozen tables, the host-side decomposition).
 FLOPs: train steps use XLA's `compiled.cost_analysis()['flops']` (per device under shard_map,
-times the device count); evaluation counts 2*B*N*h for the ranking matmul analytically (XLA's
-cost analysis counts a scan body once) plus the forward's cost_analysis. The machine's float32
-matmul rate is measured in the same run (a 2048x2048 matmul on one device, median of 10) and
-every achieved FLOP/s is also given as a fraction of it.
+times the device count); evaluation counts 2*B*N*h for the ranking analytically (XLA counts a scan
+body once) plus the forward's cost_analysis. The float32 matmul rate is measured in the same run
+(2048x2048 on one device, median of 10); every FLOP/s is also given as a fraction of it.
 
-Outputs: a Markdown table on stdout, `bench.json` and `bench.png` in --out_dir.
+Outputs: a Markdown table on stdout, `bench.json` and `bench.png` in --out_dir (BENCHMARKS.md
+shows the plot of the full sweep as docs/bench.png).
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ from typing import Any
 
 from absl import app
 from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alphafuse_jax import builders
+from alphafuse_jax import evaluation
+from alphafuse_jax import files
+from alphafuse_jax import parallel
+from alphafuse_jax import train
 
 _OUT_DIR = flags.DEFINE_string('out_dir', 'workdirs/bench', 'Where bench.json and bench.png go.')
 _QUICK = flags.DEFINE_bool('quick', False, 'A tiny sweep that runs in seconds (smoke test).')
@@ -57,7 +68,7 @@ _WORKER = flags.DEFINE_string('worker', None, 'Internal: run one point (JSON) an
 _TIMEOUT = flags.DEFINE_integer('point_timeout', 900, 'Seconds before a point is abandoned.')
 
 RESULT_PREFIX = 'BENCH_RESULT '
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LANGUAGE_DIM = 384  # all-MiniLM-L6-v2 width.
 ML1M_ITEMS = 3706
 MODELS = {'reference': {'block': 'reference', 'num_blocks': 1},
@@ -104,36 +115,37 @@ def _config(point: dict[str, Any]):
   if _ROOT not in sys.path:  # configs/ is a top-level package of the repository.
     sys.path.insert(0, _ROOT)
   from configs import default, dreamrec  # pylint: disable=g-import-not-at-top
+  config = dreamrec.get_config('alphafuse') if point['model'] == 'dreamrec' else (
+      default.get_config())
+  config.embedding.hidden_dim = point['hidden']
+  config.eval.batch_size = point['eval_batch']
+  config.data.max_len = point['max_len']
   if point['model'] == 'dreamrec':
-    config = dreamrec.get_config('alphafuse')
-    config.embedding.hidden_dim = point['hidden']
     # Random language vectors have no near-null directions for the 0.25 threshold: take the
     # nullity it gives on ML-1M's MiniLM spectrum (111 of 384; configs/dreamrec.py) instead.
     config.embedding.null_threshold = None
     config.embedding.null_dim = 111
-    config.eval.batch_size = point['eval_batch']
-    config.data.max_len = point['max_len']
     return config
-  config = default.get_config()
   model = MODELS.get(point['model'], MODELS['reference'])
   config.model.block = model['block']
   config.model.num_blocks = model['num_blocks']
-  config.embedding.hidden_dim = point['hidden']
   config.embedding.null_dim = point['hidden'] // 2
   config.train.batch_size = point['batch']
   # The reference's loss (configs/reference_parity.py), whatever the default config trains with.
   config.train.loss = 'infonce'
   config.train.num_negatives = point['negatives']
-  config.eval.batch_size = point['eval_batch']
-  config.data.max_len = point['max_len']
   if 'dropout_rate' in point:  # benchmarks/step_breakdown.py: the step without dropout.
     config.model.dropout_rate = point['dropout_rate']
   return config
 
 
+def _per_device(dp, batch: dict[str, Any]) -> dict[str, Any]:
+  """A host batch [B, ...] -> [local devices, B / devices, ...] (`data.batches`' layout)."""
+  return {k: v.reshape((dp.num_local_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
 def _synthetic_history(rng, rows: int, num_items: int, max_len: int):
   """Left-padded histories int32 [rows, L] (pad id N) with lengths 1..L, and targets [rows]."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   history = rng.integers(0, num_items, size=(rows, max_len)).astype(np.int32)
   lengths = rng.integers(1, max_len + 1, size=rows)
   history[np.arange(max_len)[None, :] < (max_len - lengths)[:, None]] = num_items
@@ -152,12 +164,13 @@ def _timed(fn, min_steps: int, min_seconds: float, max_steps: int = 200) -> list
   return times
 
 
-def _peak_bytes(devices) -> int | None:
-  """Peak device memory where the backend tracks it (GPU/TPU), else None (CPU)."""
-  stats = [d.memory_stats() for d in devices]
-  if any(s is None or 'peak_bytes_in_use' not in s for s in stats):
-    return None
-  return int(sum(s['peak_bytes_in_use'] for s in stats))
+def _peak_memory(rss_start: int) -> tuple[int, str]:
+  """Peak device memory where the backend tracks it (GPU/TPU), else the peak RSS growth (CPU)."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if all(s is not None and 'peak_bytes_in_use' in s for s in stats):
+    return int(sum(s['peak_bytes_in_use'] for s in stats)), 'device peak_bytes_in_use'
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_start,
+          'host ru_maxrss growth')
 
 
 def _flops(compiled) -> float | None:
@@ -167,116 +180,102 @@ def _flops(compiled) -> float | None:
   return float(analysis['flops']) if analysis and 'flops' in analysis else None
 
 
+class GivenStates(nn.Module):
+  """A stand-in model for the ranking-only point: its "histories" are the user states [B, h].
+
+  It has no parameters; `evaluation.make_eval_step` over it times the loop's ranking alone.
+  """
+
+  def ranking_states(self, history, index):
+    del index
+    return history
+
+
+def _train(out, dp, model, state, config, train_key, min_seconds: float):
+  """Times `train.make_train_step` mapped as `train_and_evaluate` maps it; returns the params."""
+  batch_size, num_items, max_len = config.train.batch_size, out['num_items'], out['max_len']
+  step = dp.map(train.make_train_step(model, train_key), ('replicated', 'sharded'),
+                ('replicated', 'replicated'), donate_argnums=(0,))
+
+  def host_batch(i):
+    history, target = _synthetic_history(np.random.default_rng(i), batch_size, num_items,
+                                         max_len)
+    return _per_device(dp, {'history': history, 'target': target, 'index': np.arange(
+        batch_size, dtype=np.int32), 'mask': np.ones(batch_size, bool)})
+
+  batches = [host_batch(i) for i in range(4)]
+  rstate = dp.replicate(state)
+  t0 = time.perf_counter()
+  compiled = step.lower(rstate, dp.put_batch(batches[0])).compile()
+  out['train_compile_s'] = time.perf_counter() - t0
+  per_device = _flops(compiled)
+  out['train_flops'] = per_device * dp.num_devices if per_device is not None else None
+  holder = {'state': rstate, 'i': 0}
+
+  def one_step():
+    # As in train.py: numpy batch -> put_batch -> step -> float(loss) (a host sync per step).
+    holder['state'], metrics_out = compiled(holder['state'],
+                                            dp.put_batch(batches[holder['i'] % 4]))
+    holder['i'] += 1
+    loss = float(np.asarray(metrics_out['loss']))
+    if not np.isfinite(loss):
+      raise FloatingPointError(f'bench train loss is {loss}.')
+
+  one_step()  # Warm-up (first execution allocates).
+  times = _timed(one_step, out['steps'], min_seconds)
+  out['train_step_s'] = statistics.median(times)
+  out['train_steps_timed'] = len(times)
+  out['train_seq_per_s'] = batch_size / out['train_step_s']
+  if out['train_flops']:
+    out['train_flop_per_s'] = out['train_flops'] / out['train_step_s']
+  return jax.block_until_ready(holder['state'].params)
+
+
 def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dict[str, Any]:
   """Measures one point in this process (JAX already started with the point's device count)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from alphafuse_jax import metrics, parallel, train  # pylint: disable=g-import-not-at-top
-
   if jax.device_count() != point['devices']:
     raise RuntimeError(f'point wants {point["devices"]} devices, JAX has {jax.device_count()}.')
   rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   config = _config(point)
+  config.eval.item_chunk_size = chunk_size
   num_items, max_len, hidden = point['num_items'], point['max_len'], point['hidden']
   rng = np.random.default_rng(0)
   dp = parallel.DataParallel('shard_map')
-  # The most even split of N into chunks of at most chunk_size: no chunk of padding work.
-  chunk = -(-num_items // -(-num_items // chunk_size))
-  out = dict(point, platform=jax.devices()[0].platform, chunk_size=chunk)
-  min_steps = point['steps']
+  # The chunk the eval step ranks with (evaluation.make_eval_step: min(item_chunk_size, N)).
+  out = dict(point, platform=jax.devices()[0].platform, chunk_size=min(chunk_size, num_items))
+  eval_batch = config.eval.batch_size
+  history, target = _synthetic_history(rng, eval_batch, num_items, max_len)
+  host = {'history': history, 'target': target, 'index': np.arange(eval_batch, dtype=np.int32)}
 
   if point['eval'] == 'ranking':
-    # The ranking alone, with random user states (see the module docstring).
-    table = jnp.asarray(rng.normal(size=(num_items, hidden)).astype(np.float32))
-    model, params = None, None
+    # The ranking alone, over random user states (see the module docstring).
+    model, params, forward_flops = GivenStates(), {}, 0.0
+    table = dp.replicate(rng.normal(size=(num_items, hidden)).astype(np.float32))
+    host['history'] = rng.normal(size=(eval_batch, hidden)).astype(np.float32)
   else:
     dataset = types.SimpleNamespace(num_items=num_items, max_len=max_len,
                                     train_item_counts=np.ones(num_items, np.int64))
     language = rng.normal(size=(num_items, LANGUAGE_DIM)) * config.text.scale
-    model = train.build_model(config, dataset, language)
+    model = builders.build_model(config, dataset, language)
     del language
-    init_key, train_key = jax.random.split(jax.random.key(0))
+    init_key, train_key = jax.random.split(jax.random.key(config.train.seed))
     state = train.create_train_state(model, config, init_key)
     out['params'] = train.count_params(state.params)
-    params = None  # Set by the train measurement, else replicated from the initial state.
-
-  if point['train']:
-    batch_size = config.train.batch_size
-    step = dp.map(train.make_train_step(model, config, train_key, per_position=False),
-                  ('replicated', 'sharded'), ('replicated', 'replicated'), donate_argnums=(0,))
-
-    def host_batch(i):
-      history, target = _synthetic_history(np.random.default_rng(i), batch_size, num_items,
-                                           max_len)
-      local = dp.num_local_devices
-      batch = {'history': history, 'target': target, 'mask': np.ones(batch_size, bool),
-               'index': np.arange(batch_size, dtype=np.int32)}
-      return {k: v.reshape((local, -1) + v.shape[1:]) for k, v in batch.items()}
-
-    batches = [host_batch(i) for i in range(4)]
-    rstate = dp.replicate(state)
-    t0 = time.perf_counter()
-    compiled = step.lower(rstate, dp.put_batch(batches[0])).compile()
-    out['train_compile_s'] = time.perf_counter() - t0
-    per_device = _flops(compiled)
-    out['train_flops'] = per_device * dp.num_devices if per_device is not None else None
-    holder = {'state': rstate, 'i': 0}
-
-    def one_step():
-      # As in train.py: numpy batch -> put_batch -> step -> float(loss) (a host sync per step).
-      holder['state'], metrics_out = compiled(holder['state'],
-                                              dp.put_batch(batches[holder['i'] % 4]))
-      holder['i'] += 1
-      loss = float(np.asarray(metrics_out['loss']))
-      if not np.isfinite(loss):
-        raise FloatingPointError(f'bench train loss is {loss}.')
-
-    one_step()  # Warm-up (first execution allocates).
-    times = _timed(one_step, min_steps, min_seconds)
-    out['train_step_s'] = statistics.median(times)
-    out['train_steps_timed'] = len(times)
-    out['train_seq_per_s'] = batch_size / out['train_step_s']
-    if out['train_flops']:
-      out['train_flop_per_s'] = out['train_flops'] / out['train_step_s']
-    params = holder['state'].params
-    jax.block_until_ready(params)
-
-  # Evaluation: forward (when there is a model) + chunked ranks over all N items.
-  eval_batch = config.eval.batch_size
-  if model is not None:
-    if params is None:
-      params = dp.replicate(state.params)
-    table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
-                                          method=type(model).item_table))(params)
-
-    if point['model'] == 'dreamrec':
-      # train.py's eval step: generation (noise from a fixed key per row), then full ranking.
-      eval_fn = train.make_eval_step(model, jax.random.key(0))
+    if point['train']:
+      params = _train(out, dp, model, state, config, train_key, min_seconds)
     else:
-      def eval_fn(params, table, batch):
-        states = model.apply({'params': params}, batch['history'], deterministic=True)
-        return metrics.target_ranks_chunked(states, table, batch['target'], chunk_size=chunk)
-
+      params = dp.replicate(state.params)
+    # As evaluation.Evaluator (shard_map): the eval-mode table from the replicated params.
+    table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
+                                          method='item_table'))(params)
     forward = jax.jit(lambda p, h: model.apply({'params': p}, h, deterministic=True))
     forward_flops = _flops(forward.lower(
         params, jnp.zeros((eval_batch, max_len), jnp.int32)).compile()) or 0.0
-  else:
-    def eval_fn(params, table, batch):
-      del params
-      return metrics.target_ranks_chunked(batch['states'], table, batch['target'],
-                                          chunk_size=chunk)
-    forward_flops = 0.0
-  evaluate = dp.map(eval_fn, ('replicated', 'replicated', 'sharded'), 'sharded')
-  history, target = _synthetic_history(rng, eval_batch, num_items, max_len)
-  local = dp.num_local_devices
-  host = {'history': history, 'target': target, 'index': np.arange(eval_batch, dtype=np.int32)}
-  if model is None:
-    host = {'states': rng.normal(size=(eval_batch, hidden)).astype(np.float32),
-            'target': target}
-    params = jnp.zeros(())
-  host = {k: v.reshape((local, -1) + v.shape[1:]) for k, v in host.items()}
-  table = dp.replicate(table)
+
+  # The loop's eval step (evaluation.make_eval_step), mapped as evaluation.Evaluator maps it.
+  evaluate = dp.map(evaluation.make_eval_step(model, chunk_size=config.eval.item_chunk_size),
+                    ('replicated', 'replicated', 'sharded'), 'sharded')
+  host = _per_device(dp, host)
   t0 = time.perf_counter()
   compiled_eval = evaluate.lower(params, table, dp.put_batch(host)).compile()
   out['eval_compile_s'] = time.perf_counter() - t0
@@ -285,7 +284,7 @@ def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dic
     dp.get_sharded(compiled_eval(params, table, dp.put_batch(host)))
 
   one_eval()
-  times = _timed(one_eval, min(min_steps, 3), min_seconds)
+  times = _timed(one_eval, min(point['steps'], 3), min_seconds)
   out['eval_batch_s'] = statistics.median(times)
   out['eval_examples_per_s'] = eval_batch / out['eval_batch_s']
   out['eval_flops'] = 2.0 * eval_batch * num_items * hidden + forward_flops
@@ -297,19 +296,12 @@ def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dic
     out['eval_flops'] += eval_batch * calls * (8.0 * hidden ** 2 + 512.0 * hidden)
   out['eval_flop_per_s'] = out['eval_flops'] / out['eval_batch_s']
 
-  peak_device = _peak_bytes(jax.local_devices())
-  if peak_device is not None:
-    out['peak_memory_bytes'], out['peak_memory_kind'] = peak_device, 'device peak_bytes_in_use'
-  else:
-    rss_end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out['peak_memory_bytes'], out['peak_memory_kind'] = rss_end - rss_start, 'host ru_maxrss growth'
+  out['peak_memory_bytes'], out['peak_memory_kind'] = _peak_memory(rss_start)
   return out
 
 
 def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
   """float32 FLOP/s of a jitted size x size matmul on one device (median of `repeats`)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
   mm = jax.jit(jnp.matmul)
@@ -325,7 +317,7 @@ def run_subprocess(point: dict[str, Any], timeout: int) -> dict[str, Any]:
   flags_env = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
                        if 'xla_force_host_platform_device_count' not in f)
   env['XLA_FLAGS'] = f'{flags_env} --xla_force_host_platform_device_count={point["devices"]}'
-  cmd = [sys.executable, '-m', 'alphafuse_jax.bench', f'--worker={json.dumps(point)}',
+  cmd = [sys.executable, '-m', 'alphafuse_jax.benchmarks.sweep', f'--worker={json.dumps(point)}',
          f'--min_seconds={_MIN_SECONDS.value}', f'--chunk_size={_CHUNK.value}']
   try:
     proc = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True,
@@ -408,10 +400,8 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     if ax.lines:
       ax.legend(fontsize=8)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
+  files.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110), mode='wb')
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def main(argv):
@@ -427,7 +417,6 @@ def main(argv):
   os.makedirs(out_dir, exist_ok=True)
   if _QUICK.value and not flags.FLAGS['min_seconds'].present:
     flags.FLAGS.min_seconds = 0.0
-  import jax  # pylint: disable=g-import-not-at-top
   size = 512 if _QUICK.value else 2048
   peak = matmul_rate(size)
   print(f'float32 matmul rate ({jax.devices()[0].platform}, one device): {peak / 1e9:.1f} GFLOP/s',
@@ -448,10 +437,7 @@ def main(argv):
         f'2*B*N*h + forward cost_analysis. Peak memory: {memory_kind}.\n')
   print(table)
   record = {'matmul_flop_per_s': peak, 'results': results, 'quick': _QUICK.value}
-  tmp = os.path.join(out_dir, 'bench.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, 'bench.json'))
+  files.write_json(os.path.join(out_dir, 'bench.json'), record)
   plot(results, os.path.join(out_dir, 'bench.png'))
   if any('error' in r for r in results):
     sys.exit(1)

@@ -1,0 +1,140 @@
+"""The item-embedding contract, frozen host tables and the ID-table initialisers.
+
+Every pipeline maps item ids (pad id = N) to vectors and exposes its scoring table:
+
+  module(ids, *, deterministic)           int [...] -> [..., features]
+  module.table(*, deterministic=True)     [N, features], real items only (no padding row)
+  module.auxiliary_loss(*, deterministic) scalar, already weighted; 0.0 unless a pipeline has one
+  module.features, module.num_items       known without init
+
+Frozen language tables are host constants (`FrozenTable` attributes), never params: they get no
+gradients and no optimiser state, and `init` returns only the trainable leaves under 'params'.
+
+Padding rows: the reference appends `np.random.rand(k)` to frozen tables and SI-initialised
+tables; here they are zeros (the backbone masks padding positions, so the value never matters).
+Frozen tables are embedded as constants in the compiled computations: fine for N x d tables of
+tens of MB; tables of hundreds of MB would rather live in a non-param variable collection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+ID_INITS = ('zeros', 'normal', 'uniform', 'xavier', 'orthogonal', 'sparse')
+
+
+class FrozenTable:
+  """A read-only float32 host table [N + 1, d] (padding row last) held as a module constant.
+
+  Compared and hashed by identity, so modules holding one stay hashable and cheap to compare;
+  the repr shows only the shape.
+  """
+  __slots__ = ('padded',)
+
+  def __init__(self, table: np.ndarray, *, has_padding_row: bool = False):
+    table = np.asarray(table, dtype=np.float32)
+    if table.ndim != 2:
+      raise ValueError(f'A frozen table must be a matrix, got shape {table.shape}.')
+    if not has_padding_row:
+      table = np.concatenate([table, np.zeros((1, table.shape[1]), np.float32)], axis=0)
+    table.setflags(write=False)
+    self.padded = table
+
+  @property
+  def values(self) -> np.ndarray:
+    """The N real rows [N, d] (a view, no copy)."""
+    return self.padded[:-1]
+
+  @property
+  def num_items(self) -> int:
+    return self.padded.shape[0] - 1
+
+  @property
+  def dim(self) -> int:
+    return self.padded.shape[1]
+
+  def __repr__(self) -> str:
+    return f'FrozenTable(items={self.num_items}, dim={self.dim})'
+
+
+def constant(table: FrozenTable) -> Array:
+  """The frozen table [N + 1, d] as a gradient-free constant."""
+  return jax.lax.stop_gradient(jnp.asarray(table.padded))
+
+
+def lookup(table: Array, ids: Array) -> Array:
+  """Rows of table [N + 1, d] for int ids [...] -> [..., d]; out-of-range ids give NaN."""
+  return jnp.take(table, jnp.asarray(ids), axis=0, mode='fill', fill_value=jnp.nan)
+
+
+def zero_loss() -> Array:
+  return jnp.zeros((), jnp.float32)
+
+
+class ItemEmbedding(nn.Module):
+  """The base of every pipeline: subclasses define `num_items`, `features`, lookups and `table`.
+
+  It carries the default auxiliary loss (none); a pipeline with one (RLMRec) overrides it and
+  returns it already multiplied by its weight, so the train step adds it as it is.
+  """
+
+  @property
+  def features(self) -> int:
+    raise NotImplementedError
+
+  def table(self, *, deterministic: bool = True) -> Array:
+    """The N real items' vectors [N, features]."""
+    raise NotImplementedError
+
+  def auxiliary_loss(self, *, deterministic: bool) -> Array:
+    """The pipeline's own weighted extra loss (a scalar); none by default."""
+    del deterministic
+    return zero_loss()
+
+
+# ---- initialisers ------------------------------------------------------------------------------
+def _uniform(low: float, high: float) -> Callable[..., Array]:
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, low, high)
+  return init
+
+
+def sparse_init(sparsity: float = 0.01, std: float = 1.0) -> Callable[..., Array]:
+  """torch.nn.init.sparse_: N(0, std), then ceil(sparsity * rows) random zeros per column."""
+  def init(key, shape, dtype=jnp.float32):
+    rows, cols = shape
+    normal_key, perm_key = jax.random.split(key)
+    values = std * jax.random.normal(normal_key, shape, dtype)
+    num_zeros = int(math.ceil(sparsity * rows))
+    # Per column: a random permutation of the rows, its first num_zeros entries zeroed.
+    ranks = jax.vmap(lambda k: jax.random.permutation(k, rows))(jax.random.split(perm_key, cols))
+    zero = jnp.zeros((cols, rows), bool)
+    zero = zero.at[jnp.arange(cols)[:, None], ranks[:, :num_zeros]].set(True)
+    return jnp.where(zero.T, jnp.zeros((), dtype), values)
+  return init
+
+
+def id_initializer(name: str) -> Callable[..., Array]:
+  """The reference's `--ID_embs_init_type` initialisers (reference-spec section 2.2)."""
+  if name == 'zeros':
+    return nn.initializers.zeros
+  if name == 'normal':
+    return nn.initializers.normal(stddev=1.0)
+  if name == 'uniform':
+    return _uniform(0.0, 1.0)
+  if name == 'xavier':
+    # bound sqrt(6 / (rows + cols)) in both torch and Flax.
+    return nn.initializers.xavier_uniform()
+  if name in ('orthogonal', 'ortho'):
+    return nn.initializers.orthogonal(scale=1.0)
+  if name == 'sparse':
+    return sparse_init(0.01, 1.0)
+  raise ValueError(f'Unknown ID init {name!r} (config.embedding.id_init); use one of {ID_INITS}.')

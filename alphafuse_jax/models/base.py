@@ -1,0 +1,109 @@
+"""The training contract shared by every backbone (SASRec, LLM-ESR, DreamRec).
+
+A backbone owns its loss and its scores, so the train and eval steps never ask what model they
+hold. The train step, per device, does exactly this (keys are explained in `train.py`):
+
+  table = model.train_table()                                   once per step (rngs: table key)
+  for each row, vmapped, rngs and key from `split_example_key`:
+    loss, weight = model.example_loss(history, target, mask, key, table)
+  loss = sum(loss * weight) / global weight + model.auxiliary_loss() + model.batch_loss(...)
+
+and the eval step ranks `ranking_states(history, index)` against `item_table()`. `init_all`
+touches every submodule so `init` creates every parameter.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from alphafuse_jax import losses
+
+Array = jax.Array
+
+
+def rng_streams(key: Array) -> dict[str, Array]:
+  """Every stochastic stream a module may ask for: dropout and UniSRec's gating noise."""
+  dropout_key, gating_key = jax.random.split(key)
+  return {'dropout': dropout_key, 'gating': gating_key}
+
+
+class Recommender(nn.Module):
+  """Base class: a subclass has `item_embedding` and `objective` fields and implements `__call__`.
+
+  `__call__(history [B, L], *, deterministic) -> [B, d]` is the user state scored by dot product
+  against `item_table()`; by default it trains by `objective` (a `losses.Objective`). A backbone
+  that trains otherwise (DreamRec) overrides `example_loss` and the hooks that differ.
+  """
+
+  # ---- scoring --------------------------------------------------------------------------------
+  def item_table(self, *, deterministic: bool = True) -> Array:
+    """The N real items' embeddings [N, d] used for scoring."""
+    return self.item_embedding.table(deterministic=deterministic)
+
+  def score(self, states: Array, *, deterministic: bool = True) -> Array:
+    """Dot-product scores [batch, N] of states [batch, d] against every real item."""
+    return jnp.matmul(states, self.item_table(deterministic=deterministic).T)
+
+  def ranking_states(self, history: Array, index: Array) -> Array:
+    """Eval-mode states [B, d] to rank all items with; `index` [B] (the rows' indices in their
+    split) seeds any sampling a model does at evaluation (DreamRec's), so reruns agree."""
+    del index
+    return self(history, deterministic=True)
+
+  # ---- training -------------------------------------------------------------------------------
+  @staticmethod
+  def split_example_key(key: Array) -> tuple[dict[str, Array], Array]:
+    """A row's key -> (the rng streams of its forward pass, the key of its loss' sampling)."""
+    model_key, loss_key = jax.random.split(key)
+    return rng_streams(model_key), loss_key
+
+  def train_table(self) -> Array | None:
+    """What every row's loss scores against, built once per step (train mode), or None."""
+    # With gathered negatives only the sampled rows are embedded (no whole table per step).
+    return None if self.objective.gathers else self.item_table(deterministic=False)
+
+  def example_loss(self, history: Array, target: Array, mask: Array, key: Array,
+                   table: Array | None) -> tuple[Array, Array]:
+    """One row's loss and weight (train mode), by the backbone's `objective`.
+
+    The default scores user states against the items: the state at the last position, or at
+    every position with `objective.per_position` (which needs `encode`).
+
+    Args:
+      history: int [L]; target: int []; mask: bool [] (False on padding rows of the last batch);
+      key: the row's loss key (negatives, diffusion noise); table: `train_table()`.
+    Returns:
+      (loss, weight), both [] or both [L] (per-position losses); weight 0 marks what does not
+      count.
+    """
+    if self.objective.per_position:
+      states = self.encode(history[None], deterministic=False)[0]  # [L, h]
+      targets, valid = losses.positional_targets(history[None], target[None], self.num_items)
+      targets, weights = targets[0], valid[0].astype(jnp.float32) * mask
+    else:
+      states = self(history[None], deterministic=False)[0]  # [h]
+      targets, weights = target, mask.astype(jnp.float32)
+    # What does not count points at item 0, so every value (and gradient) stays finite.
+    targets = jnp.where(weights > 0, targets, 0)
+    items = table if table is not None else (
+        lambda ids: self.item_embedding(ids, deterministic=False))
+    return self.objective.per_example(states, targets, items, key=key,
+                                      num_items=self.num_items), weights
+
+  def auxiliary_loss(self, *, deterministic: bool) -> Array:
+    """The item embedding's own weighted loss (RLMRec's reconstruction; 0 for most)."""
+    return self.item_embedding.auxiliary_loss(deterministic=deterministic)
+
+  def batch_loss(self, history: Array, user_id: Array | None, mask: Array, *,
+                 deterministic: bool) -> Array:
+    """Weighted terms over this device's batch [B, L] (LLM-ESR's); 0 by default."""
+    del history, user_id, mask, deterministic
+    return jnp.zeros((), jnp.float32)
+
+  def init_all(self, history: Array) -> Array:
+    """Touches every submodule so `init` creates all parameters (scoring and auxiliary heads)."""
+    states = self(history, deterministic=True)
+    self.score(states)
+    return self.auxiliary_loss(deterministic=True)
