@@ -126,6 +126,27 @@ def test_missing_and_unfinished_runs_are_listed(report):
   assert json.loads((out_dir / 'summary.json').read_text()) == summary
 
 
+def test_cell_without_ranks_reads_results_json_groups_by_name(tmp_path):
+  suite = experiments.make_suite('smoke', seeds=[22], variants=['alphafuse'])
+  run_dir = tmp_path / 'results' / 'smoke' / 'runs' / 'alphafuse_s22'
+  run_dir.mkdir(parents=True)
+  metrics = lambda v: {'HR@10': v, 'HR@20': v, 'NDCG@10': v, 'NDCG@20': v, 'count': 2.0}
+  # results.json's groups carry evaluation.GROUPS names; other keys are not report groups.
+  (run_dir / 'results.json').write_text(json.dumps({
+      'test': metrics(0.5), 'wall_seconds': 1.0,
+      'test_groups': {'tail_items': metrics(0.25), 'short_users': metrics(0.75),
+                      'short_history(<10)': metrics(0.0)}}))
+  summary = experiments.build_report(suite, str(tmp_path / 'results'), train_item_counts=COUNTS)
+  cell = summary['cells']['alphafuse_s22']
+  assert set(cell['groups']) == {'overall', 'tail_items', 'short_users'}
+  assert cell['note'].startswith('no test_ranks.npz') and cell['ndcg20_by_decile'] is None
+  tables = summary['tables']
+  assert tables['tail_items']['alphafuse']['NDCG@20']['values'] == [0.25]
+  assert tables['short_users']['alphafuse']['HR@10']['values'] == [0.75]
+  assert tables['overall']['alphafuse']['NDCG@20']['values'] == [0.5]
+  assert not tables['head_items'] and not tables['long_users']
+
+
 def test_sampled_metrics_get_their_own_labelled_table(report):
   _, summary, out_dir = report
   readme = (out_dir / 'README.md').read_text()

@@ -1,0 +1,170 @@
+"""The suites as data: each suite's rows, seeds, config and cell builder, and the config loader.
+
+`SUITES` maps a suite name to its `_SuiteSpec`; `make_suite` turns one into the `Suite` grid of
+`Cell`s (one training run each), optionally restricted to some seeds and rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+from typing import Callable, Mapping, Sequence
+
+from alphafuse_jax.embeddings import registry
+
+# The repository root: config files are resolved against it, so the command runs from any cwd.
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# The SASRec pipelines in table order, from the registry (LLM-ESR last: its backbone lands last).
+ML1M_PIPELINES = registry.pipelines_for('sasrec')
+NULL_DIMS = (16, 32, 64, 96)
+
+# UniSRec adapts the whole catalogue through its MoE in every step, and with data parallelism every
+# device repeats that (its draws are device-split invariant): one host device trains a UniSRec cell
+# 1.35x faster on a 2-core CPU (0.186 vs 0.250 s a step, 2026-11-29). Every other row, and on
+# GPU/TPU every row (the variable only sets the forced CPU device count), is unaffected.
+CELL_ENV = {'unisrec': (('ALPHAFUSE_CPU_DEVICES', '1'),)}
+
+
+class SuiteError(ValueError):
+  """A suite, cell or results file is not what the report needs (the message says the fix)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One training run: a variant (a table row) at one seed.
+
+  `config` is `<file>[:arg]` relative to the repository root; `overrides` are extra
+  `--config.x=y` flags. `workdir` is set only when the cell reuses another suite's run. `env` holds
+  environment defaults for the cell's process; a variable the caller has set wins.
+  """
+  name: str
+  variant: str
+  seed: int
+  config: str
+  overrides: tuple[str, ...] = ()
+  workdir: str | None = None
+  env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """A grid of cells plus what the report needs to know about them."""
+  name: str
+  description: str
+  config: str  # The config whose `data` section every cell shares (item counts, spectrum).
+  variants: tuple[str, ...]
+  seeds: tuple[int, ...]
+  cells: tuple[Cell, ...]
+  baseline: str
+  # Sweep suites: variant -> x value of the sweep plot, and the x axis label.
+  sweep_values: Mapping[str, int] | None = None
+  sweep_label: str = ''
+
+
+def parse_config_arg(config: str) -> tuple[pathlib.Path, str | None]:
+  """`<file>[:arg]` -> (absolute path under the repository root, arg or None)."""
+  path, _, arg = config.partition(':')
+  return REPO_ROOT / path, (arg or None)
+
+
+def load_config(config: str):
+  """The ConfigDict of `<file>[:arg]` (relative to the repository root), without flags."""
+  path, arg = parse_config_arg(config)
+  if not path.is_file():
+    raise FileNotFoundError(f'config file {path} not found (suite config {config!r}).')
+  # Load by path (configs/ is not a package), under a private module name.
+  spec = importlib.util.spec_from_file_location(f'_suite_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+# ---- cell builders: (variant, seed, results_dir) -> Cell ---------------------------------------
+def _ml1m_cell(variant: str, seed: int, results_dir: str = '') -> Cell:
+  del results_dir  # Every ml1m_sasrec cell has its own workdir.
+  return Cell(f'{variant}_s{seed}', variant, seed, f'configs/suite.py:{variant}',
+              env=CELL_ENV.get(variant, ()))
+
+
+def _null_dim(variant: str) -> int:
+  return int(variant.removeprefix('alphafuse_null'))
+
+
+def _sweep_reuses_main_run(null_dim: int) -> bool:
+  """Whether configs/suite.py:alphafuse already trains with this null_dim (so its run is reused)."""
+  return int(load_config('configs/suite.py:alphafuse').embedding.null_dim) == null_dim
+
+
+def _sweep_cell(variant: str, seed: int, results_dir: str) -> Cell:
+  null_dim = _null_dim(variant)
+  if _sweep_reuses_main_run(null_dim):
+    # Identical settings: the sweep's point is ml1m_sasrec's alphafuse run at this seed.
+    main_cell = _ml1m_cell('alphafuse', seed)
+    return dataclasses.replace(
+        main_cell, name=f'{variant}_s{seed}', variant=variant,
+        workdir=os.path.join(results_dir, 'ml1m_sasrec', 'runs', main_cell.name))
+  return Cell(f'{variant}_s{seed}', variant, seed, 'configs/suite.py:alphafuse',
+              (f'--config.embedding.null_dim={null_dim}',))
+
+
+def _smoke_cell(variant: str, seed: int, results_dir: str) -> Cell:
+  del results_dir
+  overrides = (f'--config.embedding.pipeline={variant}',)
+  if variant != 'alphafuse':
+    overrides += ('--config.embedding.id_init=normal',)  # A zero ID table does not learn.
+  return Cell(f'{variant}_s{seed}', variant, seed, 'configs/tiny.py', overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SuiteSpec:
+  """A suite before seed/row selection: its rows and default seeds, and how to build a cell."""
+  description: str
+  config: str
+  variants: tuple[str, ...]
+  seeds: tuple[int, ...]
+  baseline: str
+  cell: Callable[[str, int, str], Cell]
+  sweep_x: Callable[[str], int] | None = None  # Sweep suites: variant -> x of the sweep plot.
+  sweep_label: str = ''
+
+
+# Every suite, in the order the error message lists them.
+SUITES = {
+    'ml1m_sasrec': _SuiteSpec(
+        f'{len(ML1M_PIPELINES)} SASRec item pipelines on MovieLens-1M cold-start users, '
+        '`configs/suite.py:<pipeline>` (3 epochs each, equal budget)',
+        'configs/suite.py:alphafuse', ML1M_PIPELINES, (22, 23, 24), 'alphafuse', _ml1m_cell),
+    'null_dim_sweep': _SuiteSpec(
+        'AlphaFuse-SASRec on MovieLens-1M cold-start users with '
+        '`--config.embedding.null_dim` in ' + ', '.join(map(str, NULL_DIMS)),
+        'configs/suite.py:alphafuse', tuple(f'alphafuse_null{d}' for d in NULL_DIMS), (22,),
+        'alphafuse_null64', _sweep_cell, sweep_x=_null_dim,
+        sweep_label='null_dim (ID dimensions)'),
+    'smoke': _SuiteSpec(
+        'smoke test: AlphaFuse and SASRec-ID on MovieLens-100K (`configs/tiny.py`)',
+        'configs/tiny.py', ('alphafuse', 'id'), (22, 23), 'alphafuse', _smoke_cell),
+}
+
+
+def make_suite(name: str, seeds: Sequence[int] | None = None,
+               variants: Sequence[str] | None = None, results_dir: str = 'results') -> Suite:
+  """The named suite, optionally restricted to some seeds and variants (table rows)."""
+  if name not in SUITES:
+    raise SuiteError(f'unknown suite {name!r}; use one of {", ".join(SUITES)}.')
+  spec = SUITES[name]
+  seeds = tuple(int(s) for s in (seeds or spec.seeds))
+  if variants:
+    unknown = [v for v in variants if v not in spec.variants]
+    if unknown:
+      raise SuiteError(f'--pipelines: {unknown} not in suite {name!r}; its rows are '
+                       f'{list(spec.variants)}.')
+    variants = tuple(v for v in spec.variants if v in variants)  # The suite's order.
+  else:
+    variants = spec.variants
+  # Row-major: every seed of a variant, then the next variant.
+  cells = tuple(spec.cell(v, s, results_dir) for v in variants for s in seeds)
+  sweep_values = {v: spec.sweep_x(v) for v in variants} if spec.sweep_x else None
+  return Suite(name, spec.description, spec.config, variants, seeds, cells, spec.baseline,
+               sweep_values=sweep_values, sweep_label=spec.sweep_label)
