@@ -26,9 +26,9 @@ def main(argv):
   # Orbax logs every save at INFO; keep the console for our progress unless asked (--verbosity=0).
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  dist = config.get('distributed')
+  dist = config.distributed
   import jax  # After flags: XLA_FLAGS must be set before JAX starts its backends.
-  if dist is not None and dist.enabled:
+  if dist.enabled:
     # Multi-host: coordinator/process ids from the config, or auto-detected on TPU/SLURM.
     kwargs = {k: v for k, v in (('coordinator_address', dist.coordinator_address),
                                 ('num_processes', dist.num_processes),

@@ -20,7 +20,9 @@ LAYERS = (
     ('builders',),
     ('evaluation', 'checkpointing', 'metric_writers'),
     ('train',),
-    ('main', 'experiments', 'benchmarks', 'spectrum'),
+    # Serving reads a finished workdir (never the training data); the entry points sit beside it.
+    ('serving',),
+    ('main', 'recommend', 'export', 'experiments', 'benchmarks', 'spectrum'),
 )
 LEVEL = {room: level for level, rooms in enumerate(LAYERS) for room in rooms}
 MAX_LINES = 450

@@ -274,7 +274,7 @@ def report_from_config(suite: Suite, results_dir: str, *, short_history: int,
   return build_report(suite, results_dir, train_item_counts=dataset.train_item_counts,
                       short_history=short_history, head_fraction=head_fraction,
                       spectrum=spectrum, sweep_suite=sweep_suite, command=command,
-                      sampled_negatives=config.eval.get('sampled_negatives') or None)
+                      sampled_negatives=config.eval.sampled_negatives or None)
 
 
 
