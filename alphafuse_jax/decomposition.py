@@ -5,8 +5,9 @@ mean and covariance; the covariance's eigen-decomposition splits the space into 
 high-variance "semantic" directions and the low-variance "null" directions. AlphaFuse keeps the
 top-k directions (whitened), and learns ID embeddings in the last n of them.
 
-Pure functions, no Flax and no I/O. Every function runs in float64 when `jax_enable_x64` is on
-(e.g. inside `with jax.enable_x64(True):`) and in float32 otherwise.
+Pure functions, no Flax and no I/O (`fit_semantic_space` hands chunked sources to
+streaming_decomposition.py). Every function runs in float64 when `jax_enable_x64` is on (e.g.
+inside `with jax.enable_x64(True):`) and in float32 otherwise.
 
 Precision (u = unit roundoff: 2**-24 ~ 6e-8 in float32, 2**-53 ~ 1.1e-16 in float64):
 - The covariance C is formed with one matmul at HIGHEST precision (never TF32/bf16 passes on GPU),
@@ -98,12 +99,15 @@ def _fit(embeddings: Array, item_weights: Array | None, weighting: str) -> Seman
       scaled = centred * jnp.sqrt(p)[:, None]
       scaled = scaled - jnp.mean(scaled, axis=0)
       cov = _gram(scaled, scaled) / (num - 1)
-  cov = 0.5 * (cov + cov.T)
-  eigenvalues, eigenvectors = jnp.linalg.eigh(cov)
+  return eigendecompose(mean, cov)
+
+
+def eigendecompose(mean: Array, covariance: Array) -> SemanticSpace:
+  """The SemanticSpace of a mean [d] and covariance [d, d] (symmetrised, then eigh)."""
+  eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (covariance + covariance.T))
   # eigh is ascending; the reference (np.linalg.svd) is descending.
-  eigenvalues = eigenvalues[::-1]
-  eigenvectors = canonicalize_signs(eigenvectors[:, ::-1])
-  return SemanticSpace(mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors)
+  return SemanticSpace(mean=mean, eigenvalues=eigenvalues[::-1],
+                       eigenvectors=canonicalize_signs(eigenvectors[:, ::-1]))
 
 
 def _is_concrete(x) -> bool:
@@ -115,7 +119,9 @@ def fit_semantic_space(embeddings: Array | np.ndarray,
   """Mean and eigen-decomposition of the covariance of language embeddings.
 
   Args:
-    embeddings: [N, d] item language vectors (already multiplied by the language scale).
+    embeddings: [N, d] item language vectors (already multiplied by the language scale), or a
+      chunked source streamed in bounded memory and float64 (a `.npy` path, an np.memmap, an
+      iterator of [n_i, d] chunks; `streaming_decomposition.fit_semantic_space_streaming`).
     item_weights: optional [N] non-negative weights (e.g. train popularity counts); normalised
       to p = w / sum(w). None gives the uniform mean and np.cov's unbiased 1/(N-1) covariance.
     weighting: only used with item_weights.
@@ -129,6 +135,10 @@ def fit_semantic_space(embeddings: Array | np.ndarray,
   Returns:
     A SemanticSpace in float64 under jax_enable_x64, float32 otherwise.
   """
+  from alphafuse_jax import streaming_decomposition  # pylint: disable=g-import-not-at-top
+  if streaming_decomposition.is_chunked_source(embeddings):  # Lazy import: it builds on this.
+    return streaming_decomposition.fit_semantic_space_streaming(embeddings, item_weights,
+                                                                weighting=weighting)
   dtype = compute_dtype()
   x = jnp.asarray(embeddings, dtype=dtype)
   if x.ndim != 2:
@@ -274,7 +284,8 @@ def project(embeddings: Array | np.ndarray, space: SemanticSpace, dim: int,
     min_relative_eigenvalue: see `whitening_scale`.
 
   Returns:
-    [N, dim] in the compute dtype.
+    [N, dim] in the compute dtype. For tables larger than memory,
+    `streaming_decomposition.project_to_file` writes the same rows block by block.
   """
   d = space.eigenvectors.shape[0]
   if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= d:

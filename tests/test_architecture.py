@@ -12,13 +12,14 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'alphafuse_jax'
 LAYERS = (
-    ('files', 'basic_layers', 'decomposition', 'diffusion', 'losses', 'metrics', 'parallel'),
+    ('files', 'errors', 'basic_layers', 'decomposition', 'streaming_decomposition', 'diffusion',
+     'losses', 'metrics', 'parallel'),
     ('data',),
     ('text',),
     ('embeddings',),
     ('models',),
-    ('builders',),
-    ('evaluation', 'checkpointing', 'metric_writers'),
+    ('builders', 'config_checks'),
+    ('evaluation', 'checkpointing', 'metric_writers', 'inference_artifacts'),
     ('train',),
     # Serving reads a finished workdir (never the training data); the entry points sit beside it.
     ('serving',),

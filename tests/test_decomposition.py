@@ -1,11 +1,18 @@
 """Tests for alphafuse_jax.decomposition against an independent float64 numpy oracle."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from alphafuse_jax import decomposition as dc
+from alphafuse_jax import streaming_decomposition as sd
 
 
 # ---- the oracle: numpy float64, written independently of the library -----------------------
@@ -253,3 +260,156 @@ def test_fuse_shape_errors():
 
 def test_explained_variance():
   assert dc.explained_variance(np.array([3.0, 1.0, -1e-12]), 1) == pytest.approx(0.75)
+
+
+# ---- streaming (streaming_decomposition.py) ------------------------------------------------
+UNEVEN = (0, 7, 150, 1, 0, 93, 64, 85)  # Chunk sizes of a 400-row stream (empty ones too).
+
+
+def stream_data(n=400, d=12, seed=5):
+  """Separated spectrum far from the origin (mean ~100): cancellation would show."""
+  return separated_data(n=n, d=d, seed=seed) + 100.0
+
+
+def chunks_of(x, sizes=UNEVEN):
+  assert sum(sizes) == len(x)
+  start = 0
+  for size in sizes:
+    yield x[start:start + size]
+    start += size
+
+
+def assert_same_space(got, want, top=None):
+  """Equal to 1e-10: means and eigenvalues relative to their scale, separated eigenvectors."""
+  lam = np.asarray(want.eigenvalues)
+  np.testing.assert_allclose(got.mean, want.mean, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(got.eigenvalues, lam, rtol=1e-10, atol=1e-10 * lam[0])
+  np.testing.assert_allclose(got.eigenvectors[:, :top], np.asarray(want.eigenvectors)[:, :top],
+                             atol=1e-10)
+
+
+@pytest.mark.parametrize('weights', [None, 'weighted', 'authors'])
+def test_streamed_fit_equals_in_memory_for_uneven_chunks(weights):
+  x = stream_data()
+  counts = np.random.default_rng(6).integers(0, 30, size=400).astype(float)
+  kwargs = {} if weights is None else {'item_weights': counts, 'weighting': weights}
+  mean, s, u = oracle_space(x, *(() if weights is None else (counts, weights == 'authors')))
+  with jax.enable_x64(True):
+    want = dc.fit_semantic_space(x, **kwargs)
+    streamed = dc.fit_semantic_space(chunks_of(x), **kwargs)  # An iterator: streamed.
+    blocked = sd.fit_semantic_space_streaming(x, block_rows=48, **kwargs)  # 9 blocks, 1 partial.
+  for got in (streamed, blocked):
+    assert got.eigenvalues.dtype == jnp.float64
+    assert_same_space(got, want)
+  # And the float64 numpy oracle (np.cov + svd).
+  np.testing.assert_allclose(streamed.eigenvalues, s, rtol=1e-10, atol=1e-10 * s[0])
+  np.testing.assert_allclose(streamed.eigenvectors, u, atol=1e-8)
+  np.testing.assert_allclose(streamed.mean, mean, rtol=1e-12)
+
+
+def test_streamed_fit_from_a_memmapped_npy(tmp_path):
+  x = stream_data().astype(np.float32)
+  path = tmp_path / 'vectors.npy'
+  np.save(path, x)
+  with jax.enable_x64(True):
+    want = dc.fit_semantic_space(x.astype(np.float64))
+    for source in (path, str(path), np.load(path, mmap_mode='r')):
+      assert_same_space(sd.fit_semantic_space_streaming(source, block_rows=64), want)
+  # Outside x64 the result comes back in float32, accumulated in float64 all the same.
+  space = dc.fit_semantic_space(path)
+  assert space.eigenvalues.dtype == jnp.float32
+  np.testing.assert_allclose(space.eigenvalues, np.asarray(want.eigenvalues), rtol=1e-6)
+
+
+_DEVICES_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, 'tests')
+from test_decomposition import chunks_of, stream_data
+from alphafuse_jax import decomposition as dc, streaming_decomposition as sd
+x = stream_data()
+counts = np.random.default_rng(6).integers(0, 30, size=400).astype(float)
+with jax.enable_x64(True):
+  out = {'devices': len(jax.local_devices())}
+  for name, kwargs in (('plain', {}), ('weighted', {'item_weights': counts})):
+    space = sd.fit_semantic_space_streaming(chunks_of(x), block_rows=30, **kwargs)  # 32 rows.
+    out[name] = [np.asarray(a).tolist() for a in space]
+print(json.dumps(out))
+"""
+
+
+def test_streamed_fit_is_data_parallel_over_local_devices():
+  """4 host devices each take a quarter of every block; one psum; same space as 1 device."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _DEVICES_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['devices'] == 4
+  x = stream_data()
+  counts = np.random.default_rng(6).integers(0, 30, size=400).astype(float)
+  with jax.enable_x64(True):
+    for name, kwargs in (('plain', {}), ('weighted', {'item_weights': counts})):
+      got = dc.SemanticSpace(*(np.asarray(a) for a in report[name]))
+      assert_same_space(got, dc.fit_semantic_space(x, **kwargs))
+
+
+def test_streamed_fit_rejects_bad_input_with_the_row():
+  x = stream_data()
+  bad = x.copy()
+  bad[201, 3] = np.nan
+  with pytest.raises(ValueError, match='row 201 is the first bad one'):
+    dc.fit_semantic_space(chunks_of(bad))
+  with pytest.raises(ValueError, match=r'must be a numeric \[n, 12\] matrix'):
+    dc.fit_semantic_space(iter([x[:5], x[5:9, :4]]))
+  with pytest.raises(ValueError, match='the source gave 400 rows'):
+    dc.fit_semantic_space(chunks_of(x), np.ones(401))
+  with pytest.raises(ValueError, match='but the source has more rows'):
+    dc.fit_semantic_space(chunks_of(x), np.ones(399))
+  with pytest.raises(ValueError, match='at least 2 items'):
+    dc.fit_semantic_space(iter([x[:1], x[:0]]))
+  with pytest.raises(ValueError, match='not an existing .npy file'):
+    dc.fit_semantic_space('no/such/file.npy')
+
+
+def test_streamed_fit_rejects_a_truncated_file(tmp_path):
+  path = tmp_path / 'vectors.npy'
+  np.save(path, stream_data())
+  with open(path, 'r+b') as f:
+    f.truncate(path.stat().st_size - 5 * 12 * 8)  # The last 5 rows.
+  with pytest.raises(ValueError, match='truncated: row 395 of 400 is missing'):
+    sd.fit_semantic_space_streaming(path, block_rows=64)
+
+
+def test_project_to_file_equals_project(tmp_path):
+  x = stream_data()
+  with jax.enable_x64(True):
+    space = dc.fit_semantic_space(x)
+    want = np.asarray(dc.project(x, space, 8))
+    path = sd.project_to_file(chunks_of(x), space, 8, tmp_path / 'table.npy', num_rows=400,
+                              block_rows=64)
+    np.save(tmp_path / 'x.npy', x)
+    from_file = sd.project_to_file(tmp_path / 'x.npy', space, 8, tmp_path / 't2.npy',
+                                   dtype=np.float32)
+  table = np.load(path)
+  assert table.shape == (400, 8) and table.dtype == np.float64
+  np.testing.assert_allclose(table, want, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.load(from_file), want.astype(np.float32), rtol=1e-6)
+  # Whitened: unit variance per kept direction (independent of the library's maths).
+  np.testing.assert_allclose(np.var(table, axis=0, ddof=1), np.ones(8), rtol=1e-10)
+
+
+def test_project_to_file_errors_leave_no_file(tmp_path):
+  x = low_rank_plus_noise(n=100, d=16, rank=4)
+  with jax.enable_x64(True):
+    space = dc.fit_semantic_space(x)
+    with pytest.raises(ValueError, match='needs num_rows'):
+      sd.project_to_file(iter([x]), space, 4, tmp_path / 'a.npy')
+    with pytest.raises(ValueError, match='gave 100 rows, not num_rows=120'):
+      sd.project_to_file(iter([x]), space, 4, tmp_path / 'a.npy', num_rows=120)
+    flat = x[:, :4] @ np.random.default_rng(0).normal(size=(4, 16))  # Rank 4 in 16 dims.
+    with pytest.raises(ValueError, match='Refusing to whiten'):
+      sd.project_to_file(iter([flat]), dc.fit_semantic_space(flat), 8, tmp_path / 'a.npy',
+                         num_rows=100)
+  assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,18 @@
 Command:
   python -m alphafuse_jax.benchmarks.decomposition                 # N = 100,000, d = 3,072
   python -m alphafuse_jax.benchmarks.decomposition --n=2000 --d=256  # quick
+  # Streamed (bounded memory, float64 accumulation over the local devices):
+  python -m alphafuse_jax.benchmarks.decomposition --mode=streamed --source=generator \
+      --n=1000000 --d=3072
+  python -m alphafuse_jax.benchmarks.decomposition --mode=streamed --source=memmap \
+      --n=1000000 --d=3072 --file=/tmp/vectors_1e6x3072.npy   # writes the file first if missing
+
+Streamed mode reads rows from a chunk generator (rank `--rank`, default 64 there, so generating
+costs little beside the d x d accumulation) or from a `.npy` file on disk, fits the space with
+`streaming_decomposition.fit_semantic_space_streaming` and writes the projected table with
+`project_to_file`; it prints wall time, rows/s, the time spent producing chunks, and the peak RSS
+of the process. `--check_rows=M` also compares the streamed space with the in-memory float64 fit
+of the first M rows (M rows must fit in memory).
 
 Random float32 vectors with a decaying spectrum (low rank plus noise, like sentence embeddings)
 are decomposed by numpy in float64 (the reference's method) and by the JAX path in float32 and
@@ -15,8 +27,11 @@ smallest ones carry large relative errors; see alphafuse_jax/decomposition.py).
 
 from __future__ import annotations
 
+import os
+import resource
+import tempfile
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from absl import app
 from absl import flags
@@ -24,12 +39,23 @@ import jax
 import numpy as np
 
 from alphafuse_jax import decomposition
+from alphafuse_jax import parallel
+from alphafuse_jax import streaming_decomposition
 
 _N = flags.DEFINE_integer('n', 100_000, 'Items N.')
 _D = flags.DEFINE_integer('d', 3072, 'Embedding dimension d.')
 _DIM = flags.DEFINE_integer('dim', 128, 'Projected (kept) directions k.')
 _RANK = flags.DEFINE_integer('rank', 0, 'Signal rank of the synthetic data (0: d // 2).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Data seed.')
+_MODE = flags.DEFINE_enum('mode', 'in_memory', ['in_memory', 'streamed'],
+                          'in_memory: numpy vs JAX on one array; streamed: chunked fit + projection.')
+_SOURCE = flags.DEFINE_enum('source', 'generator', ['generator', 'memmap'],
+                            'streamed: rows from a chunk generator or from a .npy file on disk.')
+_FILE = flags.DEFINE_string('file', '', 'streamed, memmap: the .npy [N, d] to read (written from '
+                            'the generator first when missing; default: a temporary file).')
+_CHUNK_ROWS = flags.DEFINE_integer('chunk_rows', 8192, 'streamed: rows per chunk and per block.')
+_CHECK_ROWS = flags.DEFINE_integer('check_rows', 0, 'streamed: compare with the in-memory float64 '
+                                   'fit of the first this many rows (0: skip).')
 
 
 def synthetic(n: int, d: int, rank: int, seed: int) -> np.ndarray:
@@ -39,6 +65,80 @@ def synthetic(n: int, d: int, rank: int, seed: int) -> np.ndarray:
   scores = rng.standard_normal((n, rank), dtype=np.float32)
   scores *= (np.arange(1, rank + 1, dtype=np.float32) ** -0.75) * 40
   return scores @ basis + 0.05 * rng.standard_normal((n, d), dtype=np.float32)
+
+
+def synthetic_chunks(n: int, d: int, rank: int, seed: int, chunk_rows: int,
+                     timer: list[float] | None = None) -> Iterator[np.ndarray]:
+  """`synthetic`'s model, chunk by chunk (chunk k from the stream [seed, k]); `timer[0]` sums
+  the seconds spent generating."""
+  basis = np.random.default_rng([seed, 1 << 30]).standard_normal((rank, d), dtype=np.float32)
+  basis /= np.sqrt(d)
+  decay = (np.arange(1, rank + 1, dtype=np.float32) ** -0.75) * 40
+  for k, start in enumerate(range(0, n, chunk_rows)):
+    began = time.perf_counter()
+    rng = np.random.default_rng([seed, k])
+    rows = min(chunk_rows, n - start)
+    chunk = (rng.standard_normal((rows, rank), dtype=np.float32) * decay) @ basis
+    chunk += 0.05 * rng.standard_normal((rows, d), dtype=np.float32)
+    if timer is not None:
+      timer[0] += time.perf_counter() - began
+    yield chunk
+
+
+def peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux.
+
+
+def streamed(n: int, d: int, dim: int, rank: int) -> None:
+  """Streamed fit + projection from a generator or a file; prints one Markdown table row."""
+  chunk_rows, seed = _CHUNK_ROWS.value, _SEED.value
+  timer = [0.0]
+  path = None
+  if _SOURCE.value == 'memmap':
+    path = _FILE.value or os.path.join(tempfile.gettempdir(), f'decomposition_{n}x{d}.npy')
+    if not os.path.exists(path):
+      began = time.perf_counter()
+      with open(path, 'wb') as f:
+        np.lib.format.write_array_header_1_0(f, {'descr': '<f4', 'fortran_order': False,
+                                                 'shape': (n, d)})
+        for chunk in synthetic_chunks(n, d, rank, seed, chunk_rows):
+          f.write(chunk.tobytes())
+      print(f'wrote {path} ({os.path.getsize(path) / 1e9:.1f} GB) in '
+            f'{time.perf_counter() - began:.1f} s')
+    source = lambda: path
+  else:
+    source = lambda: synthetic_chunks(n, d, rank, seed, chunk_rows, timer)
+  with jax.enable_x64(True):
+    began = time.perf_counter()
+    space = streaming_decomposition.fit_semantic_space_streaming(source(), block_rows=chunk_rows)
+    jax.block_until_ready(space)
+    fit_seconds = time.perf_counter() - began
+    fit_generating, timer[0] = timer[0], 0.0
+    out = os.path.join(tempfile.gettempdir(), f'decomposition_table_{n}x{dim}.npy')
+    began = time.perf_counter()
+    streaming_decomposition.project_to_file(source(), space, dim, out, num_rows=n,
+                                            block_rows=chunk_rows, dtype=np.float32)
+    project_seconds = time.perf_counter() - began
+    os.remove(out)
+    if _CHECK_ROWS.value:
+      m = _CHECK_ROWS.value
+      head = np.concatenate(list(synthetic_chunks(m, d, rank, seed, chunk_rows)))
+      want = decomposition.fit_semantic_space(head)
+      got = streaming_decomposition.fit_semantic_space_streaming(iter([head[: m // 3],
+                                                                       head[m // 3:]]))
+      lam = np.asarray(want.eigenvalues)
+      print(f'check on the first {m:,} rows: max |eigenvalue diff| / lambda_max = '
+            f'{np.max(np.abs(np.asarray(got.eigenvalues) - lam)) / lam[0]:.2e}, max |mean diff| '
+            f'= {np.max(np.abs(np.asarray(got.mean) - np.asarray(want.mean))):.2e}')
+  devices = jax.local_devices()
+  print(f'\nN = {n:,}, d = {d:,}, k = {dim}, signal rank {rank}, {chunk_rows} rows a block, '
+        f'{len(devices)} x {devices[0].device_kind}; jax {jax.__version__}\n')
+  print('| source | fit (s) | fit rows/s | of which generating (s) | project_to_file (s) | '
+        'project rows/s | peak RSS (GB) |')
+  print('|---|---|---|---|---|---|---|')
+  print(f'| {_SOURCE.value if path is None else path} | {fit_seconds:.1f} | '
+        f'{n / fit_seconds:,.0f} | {fit_generating:.1f} | {project_seconds:.1f} | '
+        f'{n / project_seconds:,.0f} | {peak_rss_gb():.2f} |')
 
 
 def numpy_reference(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +167,10 @@ def timed(fn: Callable[[], tuple[np.ndarray, np.ndarray]]):
 def main(argv):
   del argv
   n, d, dim = _N.value, _D.value, _DIM.value
+  if _MODE.value == 'streamed':
+    parallel.force_host_devices()  # On CPU: one device per core, each a share of every block.
+    streamed(n, d, dim, _RANK.value or 64)
+    return
   rank = _RANK.value or max(1, d // 2)
   x = synthetic(n, d, rank, _SEED.value)
   device = jax.devices()[0].device_kind
