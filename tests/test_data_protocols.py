@@ -211,3 +211,132 @@ def test_ml100k_leave_one_out_counts(ml100k, ml100k_frame):
   assert len(frame) == 99287 and frame.item_id.nunique() == 1349
   # Train popularity = everything but each user's last two interactions.
   assert ds.train_item_counts.sum() == 99287 - 2 * 943
+
+
+# --------------------------------------------------------------------------------------------
+# cold_start_items: a hand-built fixture, the tie rule, leakage, ML-100K against a loop oracle.
+#
+# Items by age (first interaction): A t1, B t2, C t5, D t8, E t9; keys A=30, B=10, C=50, D=20,
+# E=40, so ids (sorted keys) are B0 D1 A2 E3 C4 and the newest 2 of 5 (fraction 0.4) are D and E:
+# ids 1 and 3, not the last ids. Sequences by user id (u1..u4 -> 0..3):
+#   0: A B E C B -> [2 0 3 4 0]   1: B E A -> [0 3 2]   2: C D A B -> [4 1 2 0]   3: A C -> [2 4]
+# default_rng(0).permutation(4) = [2 0 1 3]; val_fraction 0.5 -> val users {2, 0}, test {1, 3}.
+# L = 3, pad 5. Old targets: 0/p1 [P P 2] kept; 0/p3 [2 0 3] ends in new 3 -> dropped; 0/p4
+# [0 3 4] -> cut after 3 -> [P P 4]; 1/p2 [P 0 3] dropped; 2/p2 [P 4 1] dropped; 2/p3 [4 1 2]
+# -> [P P 2]; 3/p1 [P P 2]. New targets keep their full windows.
+HAND_ROWS = [(1, 30, 1), (1, 10, 2), (1, 40, 10), (1, 50, 11), (1, 10, 12), (2, 10, 3), (2, 40, 9),
+             (2, 30, 13), (3, 50, 5), (3, 20, 8), (3, 30, 14), (3, 10, 15), (4, 30, 4), (4, 50, 6)]
+Q = 5  # Pad id of the hand-built fixture.
+COLD_ITEMS_L3 = {
+    'train': {'user_id': [2, 0, 0, 3], 'position': [3, 1, 4, 1],
+              'history': [[Q, Q, 2], [Q, Q, 2], [Q, Q, 4], [Q, Q, 2]], 'target': [0, 0, 0, 4]},
+    'val': {'user_id': [2, 0], 'position': [1, 2], 'history': [[Q, Q, 4], [Q, 2, 0]],
+            'target': [1, 3]},
+    'test': {'user_id': [1], 'position': [1], 'history': [[Q, Q, 0]], 'target': [3]},
+}
+
+
+def hand_raw():
+  rows = [HAND_ROWS[i] for i in (5, 0, 13, 7, 2, 9, 11, 1, 4, 3, 12, 6, 8, 10)]  # Scrambled.
+  users, items, times = (np.asarray(c) for c in zip(*rows))
+  return sources.RawInteractions(users.astype(np.int64), items.astype(np.int64),
+                                 times.astype(np.float64), {}, [], 'hand-built')
+
+
+def cold_items(raw, **overrides):
+  kwargs = dict(max_len=3, split_seed=0, val_fraction=0.5, new_item_fraction=0.4)
+  return protocols.cold_start_items(raw, **{**kwargs, **overrides})
+
+
+def assert_no_new_item_in_train(ds):
+  train = ds.splits['train']
+  new = np.append(ds.new_items, False)  # The pad is not an item.
+  assert not new[train['target']].any() and not new[train['history']].any()
+  assert (train['history'] != ds.num_items).any(axis=1).all()  # No empty history.
+  for split in ('val', 'test'):
+    assert ds.new_items[ds.splits[split]['target']].all()
+  assert ds.train_item_counts[ds.new_items].sum() == 0
+
+
+def test_cold_start_items_hand_built_row_by_row():
+  ds = cold_items(hand_raw())
+  assert ds.item_keys == [10, 20, 30, 40, 50]
+  np.testing.assert_array_equal(ds.new_items, [False, True, False, True, False])
+  assert_splits_equal(ds.splits, COLD_ITEMS_L3)
+  # Seen by training: 0 as 3 targets; 2 in three histories; 4 as one target and one history.
+  np.testing.assert_array_equal(ds.train_item_counts, [3, 0, 3, 0, 2])
+  assert_no_new_item_in_train(ds)
+
+
+def test_cold_start_items_first_interaction_ties_follow_file_order(fixture_raw):
+  # GroupLens fixture: first interactions 10 (t1, row 10), 60 (t1, row 19), 30 (t1, row 21),
+  # 20 (t2), 40 (t4), 50 (t5). The newest 4 of 6 split the t1 tie: 60 is older than 30 because
+  # its row comes first (by item key, 30 would be the older).
+  ds = protocols.cold_start_items(fixture_raw, max_len=3, split_seed=0, val_fraction=0.2,
+                                  new_item_fraction=0.67)
+  np.testing.assert_array_equal(ds.new_items, [False, True, True, True, True, False])
+  assert_no_new_item_in_train(ds)
+
+
+def test_cold_start_items_bad_settings_are_errors(fixture_raw):
+  with pytest.raises(data.DataError, match='new_item_fraction'):
+    cold_items(hand_raw(), new_item_fraction=0.1)  # int(0.5) = 0 new items.
+  with pytest.raises(data.DataError, match='new_item_fraction'):
+    cold_items(hand_raw(), new_item_fraction=1.0)
+  with pytest.raises(data.DataError, match='val split is empty'):
+    cold_items(hand_raw(), val_fraction=0.0)
+
+
+def test_new_item_rank_counts_against_a_loop():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 4, size=(6, 9)).astype(np.float64)  # Many ties.
+  new = np.array([0, 1, 1, 0, 1, 1, 0, 1, 0], bool)
+  targets = np.array([1, 2, 4, 5, 7, 1])
+  above, ties = protocols.new_item_rank_counts(scores, targets, new)
+  for row, target in enumerate(targets):
+    others = [j for j in range(9) if new[j] and j != target]
+    assert above[row] == sum(scores[row, j] > scores[row, target] for j in others)
+    assert ties[row] == sum(scores[row, j] == scores[row, target] for j in others)
+  with pytest.raises(ValueError, match='old items'):
+    protocols.new_item_rank_counts(scores, np.array([0, 1, 2, 4, 5, 7]), new)
+
+
+def test_cold_start_items_new_items_survive_the_cache(tmp_path):
+  from alphafuse_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  ds = cold_items(hand_raw())
+  back = tfds_builder.read(tfds_builder.prepare(ds, tmp_path, 'hand.cold_start_items'))
+  np.testing.assert_array_equal(back.new_items, ds.new_items)
+  assert back.new_items.dtype == bool
+  assert_splits_equal(back.splits, COLD_ITEMS_L3)
+
+
+# ML-100K, newest 10% of items: 168 items, only 748 positions target them (late releases).
+ML100K_COLD_ITEMS_STATS = {'num_items': 1682, 'splits': {
+    'train': {'users': 943, 'examples': 97715}, 'val': {'users': 25, 'examples': 47},
+    'test': {'users': 213, 'examples': 701}}}
+
+
+def test_ml100k_cold_start_items_counts(ml100k, ml100k_frame):
+  ds = protocols.cold_start_items(ml100k, max_len=10, split_seed=0, val_fraction=0.1,
+                                  new_item_fraction=0.1)
+  assert ds.stats() == ML100K_COLD_ITEMS_STATS
+  assert ds.new_items.sum() == 168
+  assert_no_new_item_in_train(ds)
+  # Independent oracle: plain Python over the pandas rows.
+  frame = ml100k_frame.reset_index(drop=True)
+  chrono = frame.sort_values('timestamp', kind='stable')
+  age = list(dict.fromkeys(chrono.item_id.tolist()))  # Items by first interaction.
+  new = set(age[len(age) - 168:])
+  assert {ds.item_keys[i] for i in np.flatnonzero(ds.new_items)} == new
+  users = sorted(frame.user_id.unique())
+  val_users = {users[u] for u in np.random.default_rng(0).permutation(len(users))[:94]}
+  counts = {'train': 0, 'val': 0, 'test': 0}
+  per_user = frame.sort_values(['user_id', 'timestamp'], kind='stable').groupby('user_id')
+  for user, items in per_user.item_id:
+    items = items.tolist()
+    for t in range(1, len(items)):
+      if items[t] in new:
+        counts['val' if user in val_users else 'test'] += 1
+      elif items[t - 1] not in new:  # Truncation leaves a history unless a new item is last.
+        counts['train'] += 1
+  assert counts == {s: ML100K_COLD_ITEMS_STATS['splits'][s]['examples'] for s in counts}

@@ -100,7 +100,8 @@ def _delimited_options(**overrides):
   options = ml_collections.ConfigDict(dict(
       interactions_file='inter.tsv', sep='\t', user_column='uid', item_column='iid',
       time_column='when', item_text_file='items.csv', item_text_sep=',',
-      item_text_item_column='iid', item_text_columns=('name', 'year', 'genres')))
+      item_text_item_column='iid', item_text_columns=('name', 'year', 'genres'),
+      encoding='utf-8', duplicates='drop'))
   options.update(overrides)
   return options
 

@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -177,13 +178,44 @@ def test_failed_preparation_leaves_no_partial_cache(fixture_config, monkeypatch,
   assert data.load(fixture_config).num_items == 6  # Then a clean preparation works.
 
 
-def test_foreign_directory_in_the_cache_is_reported(fixture_config):
+@pytest.mark.parametrize('damage', ['meta_arrays_deleted', 'record_truncated', 'meta_json_garbled'])
+def test_damaged_cache_is_rebuilt(fixture_config, damage, caplog):
+  """A cache that cannot be read back is deleted and prepared again (it was a RuntimeError,
+  JSONDecodeError or BadZipFile traceback before)."""
   prepared = tfds_builder.resolve_data_dir(fixture_config.data_dir) / tfds_builder.DATASET_NAME
-  data.load(fixture_config)
+  expected = data.load(fixture_config)
   (final,) = prepared.glob('*/*')
-  (final / tfds_builder.META_ARRAYS).unlink()
-  with pytest.raises(data.DataError, match='lacks alphafuse_arrays.npz.*Delete that directory'):
-    data.load(fixture_config)
+  if damage == 'meta_arrays_deleted':
+    (final / tfds_builder.META_ARRAYS).unlink()
+  elif damage == 'record_truncated':
+    record = sorted(final.glob('*train.array_record*'))[0]
+    record.write_bytes(record.read_bytes()[:40])
+  else:
+    (final / tfds_builder.META_JSON).write_text('{"num_items": 6,')
+  _assert_same(data.load(fixture_config), expected)
+  assert 'cannot be read' in caplog.text and 'preparing it again' in caplog.text
+  assert _cache_entries(fixture_config.data_dir)[1] == []
+
+
+def test_orphan_scratch_directories_are_removed(fixture_config):
+  """A killed preparation's `.incomplete-<pid>-*` goes on the next load; a live one stays."""
+  root = tfds_builder.resolve_data_dir(fixture_config.data_dir)
+  root.mkdir(parents=True)
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True)
+  pid = dead.stdout.strip()
+  orphan = root / f'.incomplete-{pid}-abc'
+  orphan_here = pathlib.Path(tempfile.mkdtemp(prefix=tfds_builder.scratch_prefix(), dir=root))
+  orphan_here = orphan_here.rename(root / orphan_here.name.replace(str(os.getpid()), pid, 1))
+  live = root / f'.incomplete-{os.getpid()}-def'
+  other_host = root / f'.incomplete-{pid}-otherhost-ghi'  # Its pid means nothing here.
+  old_style = root / '.incomplete-xyz'
+  for directory in (orphan, orphan_here, live, other_host, old_style):
+    (directory / 'partial').mkdir(parents=True, exist_ok=True)
+  os.utime(old_style, (0, 0))  # Older than a day.
+  data.load(fixture_config)
+  assert not orphan.exists() and not orphan_here.exists() and not old_style.exists()
+  assert live.exists() and other_host.exists()
 
 
 def test_bad_input_fails_before_any_cache_is_written(fixture_config):

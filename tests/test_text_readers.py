@@ -42,7 +42,7 @@ def test_npz_single_array_and_key(tmp_path):
   np.savez(tmp_path / 'two.npz', a=VECTORS, b=VECTORS[:2] * 2)
   np.testing.assert_allclose(text.load_embeddings(tmp_path / 'two.npz', key='b'), VECTORS[:2] * 2,
                              rtol=1e-7)
-  with pytest.raises(text.EmbeddingFileError, match=r"holds 2 arrays \['a', 'b'\]; pass key="):
+  with pytest.raises(text.EmbeddingFileError, match=r"holds 2 arrays \['a', 'b'\]; keep one .* or pass key="):
     text.load_embeddings(tmp_path / 'two.npz')
   with pytest.raises(text.EmbeddingFileError, match=r"no array 'c'; it has \['a', 'b'\]"):
     text.load_embeddings(tmp_path / 'two.npz', key='c')

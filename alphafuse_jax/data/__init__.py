@@ -15,6 +15,7 @@ Readers live in sources.py, the cold-start and leave-one-out splits in protocols
 builder and cache in tfds_builder.py, batching in pipeline.py.
 """
 
+from alphafuse_jax.data import synthetic
 from alphafuse_jax.data.pipeline import batches
 from alphafuse_jax.data.pipeline import epoch_order
 from alphafuse_jax.data.pipeline import num_batches

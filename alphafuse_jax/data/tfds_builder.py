@@ -12,8 +12,10 @@ reads a stale cache. Layout:
 Examples are stored in chunks of CHUNK_SIZE rows per ArrayRecord record: reading 800k single
 rows through `as_data_source()` decodes one proto per row (tens of seconds on 2 cores), while
 chunks decode in well under a second. Records come back in shuffled order, so each carries its
-chunk index. Everything is prepared into a temporary directory under <data_dir> and renamed into
-place on success, so a failed preparation leaves no partial cache.
+chunk index. Everything is prepared into a temporary directory under <data_dir>
+(`.incomplete-<pid>-<host>-*`) and renamed into place on success, so a failed preparation leaves no
+partial cache; the directories of killed preparations (their pid is gone) are removed by the next
+`load`. A cache that fails to read back (a truncated or edited file) is deleted and prepared again.
 
 The fingerprint is the sha256 of the source files' bytes (about 0.2 s for ML-1M's 45 MB), plus
 the protocol settings and FORMAT_VERSION; touching a file without changing it keeps the cache.
@@ -28,8 +30,10 @@ import logging
 import os
 import pathlib
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -38,6 +42,7 @@ import tensorflow_datasets as tfds
 from alphafuse_jax.data import authors
 from alphafuse_jax.data import protocols
 from alphafuse_jax.data import sources
+from alphafuse_jax.data import synthetic
 
 VERSION = '1.0.0'
 # Bump when the prepared form changes without a change of VERSION's meaning.
@@ -47,6 +52,8 @@ CHUNK_SIZE = 1024
 DATASET_NAME = 'alphafuse_sequences'
 META_JSON = 'alphafuse_meta.json'
 META_ARRAYS = 'alphafuse_arrays.npz'
+# Prefix of a preparation's scratch directory in <data_dir>, followed by the preparing pid.
+INCOMPLETE = '.incomplete-'
 
 
 def resolve_data_dir(data_dir: str) -> pathlib.Path:
@@ -66,9 +73,14 @@ def source_files(config: Any) -> list[pathlib.Path]:
   if config.source == 'authors':
     _require_path(config)
     return authors.authors_files(config.path)
+  if config.source == 'synthetic':
+    generated = resolve_data_dir(config.data_dir) / 'synthetic'
+    if generated.is_dir():
+      clean_orphans(generated)  # Scratch directories of killed generations.
+    return synthetic.source_files(config.synthetic, generated.parent)
   raise sources.DataError(
       f'config.data.source={config.source!r} is unknown; use one of ml-1m, ml-100k, grouplens, '
-      'delimited, authors.')
+      'delimited, authors, synthetic.')
 
 
 def _require_path(config: Any) -> None:
@@ -87,12 +99,17 @@ def settings(config: Any) -> dict[str, Any]:
                  val_fraction=float(config.val_fraction))
     elif config.protocol == 'leave_one_out':
       out['min_interactions'] = int(config.min_interactions)
+    elif config.protocol == 'cold_start_items':
+      out.update(split_seed=int(config.split_seed), val_fraction=float(config.val_fraction),
+                 new_item_fraction=float(config.new_item_fraction))
     else:
       raise sources.DataError(f'config.data.protocol={config.protocol!r} is unknown; use '
-                              'cold_start_users or leave_one_out.')
+                              'cold_start_users, leave_one_out or cold_start_items.')
   if config.source == 'delimited':
     out['delimited'] = {k: (list(v) if isinstance(v, tuple) else v)
                         for k, v in config.delimited.items()}
+  if config.source == 'synthetic':
+    out['synthetic'] = synthetic.dataset_name(config.synthetic)
   return out
 
 
@@ -115,6 +132,9 @@ def config_name(config_settings: dict[str, Any], digest: str) -> str:
     parts += [f"seed{s['split_seed']}", f"tr{s['train_fraction']:g}", f"va{s['val_fraction']:g}"]
   elif s.get('protocol') == 'leave_one_out':
     parts.append(f"k{s['min_interactions']}")
+  elif s.get('protocol') == 'cold_start_items':
+    parts += [f"seed{s['split_seed']}", f"va{s['val_fraction']:g}",
+              f"new{s['new_item_fraction']:g}"]
   return '.'.join(parts + [digest[:16]])
 
 
@@ -127,12 +147,18 @@ def build(config: Any) -> protocols.PreparedDataset:
     raw = sources.read_recbole(config.source)
   elif config.source == 'grouplens':
     raw = sources.read_grouplens(config.path)
+  elif config.source == 'synthetic':
+    raw = synthetic.read(config.synthetic, resolve_data_dir(config.data_dir))
   else:
     raw = sources.read_delimited(config.delimited, config.path)
   if config.protocol == 'cold_start_users':
     return protocols.cold_start_users(
         raw, max_len=config.max_len, split_seed=config.split_seed,
         train_fraction=config.train_fraction, val_fraction=config.val_fraction)
+  if config.protocol == 'cold_start_items':
+    return protocols.cold_start_items(
+        raw, max_len=config.max_len, split_seed=config.split_seed,
+        val_fraction=config.val_fraction, new_item_fraction=config.new_item_fraction)
   return protocols.leave_one_out(raw, max_len=config.max_len,
                                  min_interactions=config.min_interactions)
 
@@ -182,14 +208,47 @@ def _write_metadata(directory: pathlib.Path, ds: protocols.PreparedDataset) -> N
   (directory / META_JSON).write_text(json.dumps(meta, ensure_ascii=False))
   indptr, items = ds.user_sequences
   with open(directory / META_ARRAYS, 'wb') as f:
+    extra = {} if ds.new_items is None else {'new_items': ds.new_items}  # cold_start_items.
     np.savez(f, train_item_counts=ds.train_item_counts, user_seq_indptr=indptr,
-             user_seq_items=items)
+             user_seq_items=items, **extra)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Alive, owned by another user.
+    return True
+  return True
+
+
+def scratch_prefix() -> str:
+  """`.incomplete-<pid>-<host>-`: the preparing process, so that an orphan can be recognised."""
+  return f'{INCOMPLETE}{os.getpid()}-{socket.gethostname().replace("-", "_")}-'
+
+
+def clean_orphans(data_dir: pathlib.Path) -> None:
+  """Removes `.incomplete-<pid>-[<host>-]*` directories whose preparing process is gone.
+
+  A directory of another host (a shared file system) or without a pid (older versions) is
+  removed only after a day.
+  """
+  host = socket.gethostname().replace('-', '_')
+  for path in data_dir.glob(INCOMPLETE + '*'):
+    parts = path.name[len(INCOMPLETE):].split('-')
+    local = parts[0].isdigit() and (len(parts) < 3 or parts[1] == host)
+    stale = (not _pid_alive(int(parts[0]))) if local else (
+        time.time() - path.stat().st_mtime > 86400)
+    if stale and path.is_dir():
+      logging.warning('Removing %s, left by a preparation that did not finish.', path)
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def prepare(ds: protocols.PreparedDataset, data_dir: pathlib.Path, name: str) -> pathlib.Path:
   """Writes `ds` into <data_dir>/alphafuse_sequences/<name>/<VERSION>, atomically."""
   final = data_dir / DATASET_NAME / name / VERSION
-  scratch = pathlib.Path(tempfile.mkdtemp(prefix='.incomplete-', dir=data_dir))
+  scratch = pathlib.Path(tempfile.mkdtemp(prefix=scratch_prefix(), dir=data_dir))
   try:
     builder = AlphafuseSequences(prepared=ds, data_dir=str(scratch),
                                  config=tfds.core.BuilderConfig(name=name),
@@ -214,7 +273,7 @@ def prepare(ds: protocols.PreparedDataset, data_dir: pathlib.Path, name: str) ->
 
 
 def read(directory: pathlib.Path) -> protocols.PreparedDataset:
-  """Reads a prepared directory back into numpy (chunks reassembled in order)."""
+  """Reads a prepared directory back into numpy (chunks reassembled in order), checked."""
   builder = tfds.builder_from_directory(str(directory))
   data_sources = builder.as_data_source()
   splits = {}
@@ -222,35 +281,60 @@ def read(directory: pathlib.Path) -> protocols.PreparedDataset:
     source = data_sources[name]
     records = source.__getitems__(list(range(len(source))))
     records.sort(key=lambda r: int(r['chunk']))
+    if [int(r['chunk']) for r in records] != list(range(len(records))):
+      raise ValueError(f'split {name!r} lacks some of its chunks')
     splits[name] = {k: np.concatenate([np.asarray(r[k], np.int32) for r in records])
                     for k in protocols.EXAMPLE_FIELDS}
   meta = json.loads((directory / META_JSON).read_text())
   with np.load(directory / META_ARRAYS) as arrays:
     counts, indptr, items = (arrays['train_item_counts'], arrays['user_seq_indptr'],
                              arrays['user_seq_items'])
+    new_items = arrays['new_items'] if 'new_items' in arrays.files else None
   for name, split in splits.items():
     split['history'] = split['history'].reshape(-1, meta['max_len'])
+    n = len(split['target'])
+    in_range = (split['target'] < meta['num_items']).all() and (
+        split['history'] <= meta['num_items']).all()
+    if any(len(v) != n for v in split.values()) or not in_range:
+      raise ValueError(f'split {name!r} has arrays of unequal lengths or item ids beyond N')
   return protocols.PreparedDataset(
       num_items=meta['num_items'], max_len=meta['max_len'], item_keys=meta['item_keys'],
       item_fields=meta['item_fields'], user_keys=meta['user_keys'], train_item_counts=counts,
-      splits=splits, user_sequences=(indptr, items), description=meta['description'])
+      splits=splits, user_sequences=(indptr, items), description=meta['description'],
+      new_items=new_items)
 
 
 def load(config: Any) -> protocols.PreparedDataset:
-  """Prepares the config's dataset into the cache if needed, then reads it."""
+  """Prepares the config's dataset into the cache if needed, then reads it.
+
+  A cache that cannot be read back (truncated, edited, half deleted) is deleted and prepared again
+  with a warning; one that fails again right after preparation is a DataError naming it.
+  """
   config_settings = settings(config)
   protocols._check_max_len(config.max_len)
   files = source_files(config)
   name = config_name(config_settings, fingerprint(files, config_settings))
   data_dir = resolve_data_dir(config.data_dir)
   final = data_dir / DATASET_NAME / name / VERSION
-  if final.exists() and not (final / META_ARRAYS).is_file():
-    raise sources.DataError(f'{final} exists but lacks {META_ARRAYS}, so it was not written by '
-                            'this code (or was edited). Delete that directory to re-prepare.')
-  if not (final / META_ARRAYS).is_file():
-    logging.info('Preparing %s into %s', name, final)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    prepare(build(config), data_dir, name)
-  else:
-    logging.info('Reading cached %s', final)
-  return read(final)
+  if data_dir.is_dir():
+    clean_orphans(data_dir)
+  if final.exists():
+    try:
+      logging.info('Reading cached %s', final)
+      return read(final)
+    except Exception as e:  # pylint: disable=broad-except
+      # Any failure to read back means a damaged cache: it is a pure function of the sources.
+      logging.warning('The prepared data in %s cannot be read (%s: %s); preparing it again.',
+                      final, type(e).__name__, str(e).split('\n')[0][:200])
+      shutil.rmtree(final, ignore_errors=True)
+      if final.exists():
+        raise sources.DataError(f'{final} is damaged and could not be deleted; delete that '
+                                'directory to prepare the data again.') from e
+  logging.info('Preparing %s into %s', name, final)
+  data_dir.mkdir(parents=True, exist_ok=True)
+  prepare(build(config), data_dir, name)
+  try:
+    return read(final)
+  except Exception as e:  # pylint: disable=broad-except
+    raise sources.DataError(f'{final}: the data just prepared cannot be read back ({e}); delete '
+                            'that directory and check the disk (space, permissions).') from e
