@@ -29,7 +29,13 @@ def load_language_embeddings(config: ml_collections.ConfigDict,
     return None
   from alphafuse_jax import text as text_lib  # pylint: disable=g-import-not-at-top
   if config.text.encoder == 'file':
-    vectors = text_lib.load_embeddings(config.text.embeddings_file, num_items=dataset.num_items)
+    path = config.text.embeddings_file
+    if not path and config.data.source == 'synthetic':
+      # The generated vectors, rows aligned with the prepared items.
+      path = data_lib.synthetic.embeddings_file(
+          config.data.synthetic, data_lib.resolve_data_dir(config.data.data_dir),
+          dataset.item_keys)
+    vectors = text_lib.load_embeddings(path, num_items=dataset.num_items)
   elif config.text.encoder == 'minilm':
     if config.data.source == 'authors':
       raise ValueError("the authors' release has no item texts: set --config.text.encoder=file "
@@ -41,7 +47,11 @@ def load_language_embeddings(config: ml_collections.ConfigDict,
                                    cache_dir=cache_dir, batch_size=config.text.batch_size)
   else:
     raise ValueError(f"config.text.encoder={config.text.encoder!r} is not 'minilm' or 'file'.")
-  return np.asarray(vectors, np.float64) * float(config.text.scale)
+  vectors = np.asarray(vectors, np.float64) * float(config.text.scale)
+  # Duplicate rows would tie in every score: refused when they are most of the table.
+  text_lib.readers.check_distinct(vectors, config.text.embeddings_file
+                                  if config.text.encoder == 'file' else 'the item-text vectors')
+  return vectors
 
 
 def objective(config: ml_collections.ConfigDict) -> losses.Objective:

@@ -1,10 +1,13 @@
 """Full-ranking evaluation: the eval step, the `Evaluator` of one split, and group metrics.
 
-The eval step asks the model for its ranking states (`Recommender.ranking_states`) and ranks each
-target among all N items with `metrics.target_ranks_chunked`, chunk by chunk over the catalogue,
-so memory is O(batch x chunk) for any N. Every example is counted once (padding rows of the last
-batch are masked). `group_masks` is the one definition of the report's groups (head/tail target
-items, short/long users); results.json and the experiment suites both use it.
+The eval step asks the model for its ranking states (`Recommender.ranking_states`) and counts,
+for each target, the items scoring above it and those tied with it
+(`metrics.target_rank_counts_chunked`, chunk by chunk over the catalogue, so memory is
+O(batch x chunk) for any N); the host turns them into metrics under `config.eval.ties` (by
+default the exact expectation under random tie-breaking, so ties never reward a model). Every
+example is counted once (padding rows of the last batch are masked). `group_masks` is the one
+definition of the report's groups (head/tail target items, short/long users); results.json and
+the experiment suites both use it.
 """
 
 from __future__ import annotations
@@ -45,12 +48,14 @@ def group_masks(train_item_counts: np.ndarray, targets: np.ndarray, positions: n
           'short_users': short, 'long_users': ~short}
 
 
-def group_metrics(ranks: np.ndarray, masks: Mapping[str, np.ndarray],
-                  ks: Sequence[int]) -> dict[str, dict[str, float]]:
-  """`metrics.summarize_ranks` of each non-empty group."""
+def group_metrics(ranks: np.ndarray, masks: Mapping[str, np.ndarray], ks: Sequence[int],
+                  ties: np.ndarray | None = None, rule: str = 'expected'
+                  ) -> dict[str, dict[str, float]]:
+  """`metrics.summarize_ranks` (with `ties` under `rule`) of each non-empty group."""
   ranks = np.asarray(ranks)
-  return {name: metrics_lib.summarize_ranks(ranks[m], ks=ks) for name, m in masks.items()
-          if m.any()}
+  ties = np.zeros_like(ranks) if ties is None else np.asarray(ties)
+  return {name: metrics_lib.summarize_ranks(ranks[m], ks=ks, ties=ties[m], rule=rule)
+          for name, m in masks.items() if m.any()}
 
 
 def make_eval_step(model, *, chunk_size: int, sampled_negatives: int = 0,
@@ -59,26 +64,29 @@ def make_eval_step(model, *, chunk_size: int, sampled_negatives: int = 0,
 
   `batch` holds history [b, L], target [b], index [b] (the row's index in the split, which seeds
   any sampling noise of the model, e.g. DreamRec's) and optionally seen [b, S] (excluded items).
-  With `sampled_negatives` K > 0 the step returns int32 [b, 2]: the full-ranking rank and the rank
-  among the target and K negatives drawn from `fold_in(sampled_key, row index)` (the same negatives
-  at every evaluation), excluding the history (and seen items when excluded); that opt-in path
-  scores the whole catalogue at once.
+  The step returns int32 [b, 2]: the full-ranking rank (1 + items strictly above the target) and
+  the items tied with it. With `sampled_negatives` K > 0 it returns [b, 4], adding the rank and
+  ties among the target and K negatives drawn from `fold_in(sampled_key, row index)` (the same
+  negatives at every evaluation), excluding the history (and seen items when excluded); that
+  opt-in path scores the whole catalogue at once.
   """
 
   def eval_step(params, table, batch):
     states = model.apply({'params': params}, batch['history'], batch['index'],
                          method='ranking_states')
     exclude = batch.get('seen')
-    ranks = metrics_lib.target_ranks_chunked(states, table, batch['target'], exclude,
-                                             chunk_size=min(chunk_size, table.shape[0]))
+    above, ties = metrics_lib.target_rank_counts_chunked(
+        states, table, batch['target'], exclude, chunk_size=min(chunk_size, table.shape[0]))
+    ranks = jnp.stack([above + 1, ties], axis=1)
     if not sampled_negatives:
       return ranks
     history = batch['history'] if exclude is None else jnp.concatenate(
         [batch['history'], exclude], axis=1)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(sampled_key, batch['index'])
-    sampled = metrics_lib.sampled_target_ranks(states @ table.T, batch['target'], keys,
-                                               sampled_negatives, exclude=history)
-    return jnp.stack([ranks, sampled], axis=1)
+    sampled, sampled_ties = metrics_lib.sampled_target_ranks(
+        states @ table.T, batch['target'], keys, sampled_negatives, exclude=history,
+        with_ties=True)
+    return jnp.concatenate([ranks, jnp.stack([sampled, sampled_ties], axis=1)], axis=1)
 
   return eval_step
 
@@ -108,6 +116,7 @@ class Evaluator:
     self.batch_size = config.eval.batch_size
     self.arrays = _eval_arrays(dataset, split, config.eval.exclude_seen)
     self.ks = tuple(config.eval.ks)
+    self.ties = config.eval.ties  # How tied ranks count (metrics.summarize_ranks).
     self.head_fraction = config.eval.head_fraction
     self.short_history = config.eval.short_history
     # Sampled metrics (opt-in): their negatives come from a fixed key of their own.
@@ -117,7 +126,7 @@ class Evaluator:
                        sampled_negatives=self.sampled_negatives,
                        sampled_key=jax.random.key(config.eval.sampled_seed)),
         ('replicated', 'replicated', 'sharded'), 'sharded')
-    # The ranks of the last pass: [n] full ranking, or [n, 2] with the sampled ranks.
+    # The last pass: [n, 2] full-ranking (rank, ties), or [n, 4] with the sampled ones.
     self.last_ranks: np.ndarray | None = None
     self._table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
                                                 method='item_table'))
@@ -127,7 +136,10 @@ class Evaluator:
     self._passes = 0
 
   def ranks(self, params) -> np.ndarray:
-    """The 1-based rank of every example's target, in split order."""
+    """Every example's (rank, ties), in split order: int [n, 2] ([n, 4] with sampled ones).
+
+    rank = 1 + the items scoring strictly above the target; ties = the items tied with it.
+    """
     start = time.perf_counter()
     host_params = params if self.dp.mode == 'shard_map' else self.dp.unreplicate(params)
     table = self._table(host_params)
@@ -147,7 +159,7 @@ class Evaluator:
       masks.append(mask.reshape(-1))
     # [num_batches, local_rows] on every process (padding rows included), so the gather below
     # sees equal shapes; process_allgather requires them.
-    width = (2,) if self.sampled_negatives else ()
+    width = (4,) if self.sampled_negatives else (2,)
     ranks = np.stack(out) if out else np.zeros((0, local_rows) + width, np.int32)
     valid = np.stack(masks) if masks else np.zeros((0, local_rows), bool)
     ranks = ranks.reshape(valid.shape + width)
@@ -176,23 +188,27 @@ class Evaluator:
   def evaluate(self, params, groups: bool = False) -> dict[str, Any]:
     """Full-ranking metrics; with `groups`, {group: metrics} for `GROUPS` ('sampled' when on)."""
     ranks = self.ranks(params)
-    full = ranks[:, 0] if ranks.ndim == 2 else ranks
     if not groups:
-      return metrics_lib.summarize_ranks(full, ks=self.ks)
+      return metrics_lib.summarize_ranks(ranks[:, 0], ks=self.ks, ties=ranks[:, 1],
+                                         rule=self.ties)
     masks = self.group_masks()
-    result = group_metrics(full, masks, self.ks)
-    if ranks.ndim == 2:
-      result['sampled'] = group_metrics(ranks[:, 1], masks, self.ks)
+    result = group_metrics(ranks[:, 0], masks, self.ks, ties=ranks[:, 1], rule=self.ties)
+    if self.sampled_negatives:
+      result['sampled'] = group_metrics(ranks[:, 2], masks, self.ks, ties=ranks[:, 3],
+                                        rule=self.ties)
     return result
 
   def save_ranks(self, path: str) -> None:
-    """Writes the last pass's ranks with each example's target and position (npz, atomic)."""
+    """Writes the last pass's ranks and ties with each example's target and position (npz).
+
+    `rank` is 1 + the items strictly above the target and `ties` the items tied with it, so the
+    metrics of results.json are `summarize_ranks(rank, ties=ties, rule=config.eval.ties)`.
+    """
     arrays = self.dataset.splits[self.split]
     out = {'target': np.asarray(arrays['target'], np.int32),
            'user_id': np.asarray(arrays['user_id'], np.int32),
            'position': np.asarray(arrays['position'], np.int32)}
-    if self.last_ranks.ndim == 2:
-      out['rank'], out['sampled_rank'] = self.last_ranks[:, 0], self.last_ranks[:, 1]
-    else:
-      out['rank'] = self.last_ranks
+    out['rank'], out['ties'] = self.last_ranks[:, 0], self.last_ranks[:, 1]
+    if self.sampled_negatives:
+      out['sampled_rank'], out['sampled_ties'] = self.last_ranks[:, 2], self.last_ranks[:, 3]
     files.atomic_write(path, lambda f: np.savez(f, **out), mode='wb')

@@ -2,21 +2,46 @@
 
 Flags only; the work is `train.train_and_evaluate`. Override any config field with
 `--config.train.learning_rate=3e-4`. A run restarted on the same workdir resumes.
+
+The project's own errors (`errors.AlphafuseError`: a bad config, input file, workdir or
+checkpoint) print as one line on stderr, naming the problem and the fix, and exit with code 2;
+`--debug` (or ALPHAFUSE_DEBUG=1) shows their traceback. Any other exception is a bug and keeps
+its traceback.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from alphafuse_jax import errors
 from alphafuse_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.',
                                required=True)
+_DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of configuration and input errors.')
+EXIT_INPUT_ERROR = 2
+
+
+def run(config, workdir: str, debug: bool = False) -> int:
+  """`train_and_evaluate` with the project's errors as one stderr line; returns the exit code."""
+  from alphafuse_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    results = train.train_and_evaluate(config, workdir)
+  except errors.AlphafuseError as e:
+    if debug or os.environ.get('ALPHAFUSE_DEBUG'):
+      raise
+    print(f'error: {errors.one_line(e)}', file=sys.stderr, flush=True)
+    return EXIT_INPUT_ERROR
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0 and results is not None:  # None: stop_after_steps stopped it.
+    print(format_results(results))
+  return 0
 
 
 def main(argv):
@@ -36,10 +61,7 @@ def main(argv):
     jax.distributed.initialize(**kwargs)
   logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
                jax.process_count())
-  from alphafuse_jax import train  # pylint: disable=g-import-not-at-top
-  results = train.train_and_evaluate(config, _WORKDIR.value)
-  if jax.process_index() == 0 and results is not None:  # None: stop_after_steps stopped it.
-    print(format_results(results))
+  return run(config, _WORKDIR.value, debug=_DEBUG.value)
 
 
 def format_results(results) -> str:

@@ -1,21 +1,23 @@
 """Full-ranking metrics: HR, NDCG and MRR at K, overall and per user/item group.
 
 The reference (reference-spec §5) ranks the target among all N items by the raw dot product, with
-no history masking, and averages per example over K in (1, 5, 10, 20, 50). We compute the target's
-rank in O(N) per row by counting the items scoring above it (no sort, no top-k), on device:
+no history masking, and averages per example over K in (1, 5, 10, 20, 50). We count, per example
+and in O(N) without a sort, the other items scoring strictly above the target (`above`) and those
+tied with it (`ties`); the target's rank is then any of above+1 .. above+ties+1. The metrics of a
+rank range follow the tie rule (`config.eval.ties`, `summarize_ranks`):
 
-  * ties='optimistic' (default): rank = 1 + #{items scoring strictly higher than the target}.
-    Tied items are counted below the target, the best rank consistent with the scores.
-  * ties='pessimistic': rank = #{items scoring >= the target} (the target itself counted once),
-    the worst rank consistent with the scores.
+  * 'expected' (default): the exact expectation of each metric when ties are broken uniformly at
+    random (the rank uniform on above+1 .. above+ties+1). Ties never reward a model: identical
+    item vectors score HR@K = K/N, the random baseline, not 1.
+  * 'pessimistic': rank = above + ties + 1, the worst rank consistent with the scores.
+  * 'optimistic': rank = above + 1, the best one (the behaviour before ties were counted).
 
-The reference breaks ties by `torch.topk`, which is arbitrary; the two agree exactly when no item
-ties with the target, and with ties the reference lands somewhere between our two options (so
-'optimistic' matches it only when ties are rare, as with float scores of trained models). A NaN
-target score gets the worst rank N.
+With no tie all three are the same number. The reference breaks ties by `torch.topk`, which is
+arbitrary. A NaN target score gets the worst rank N (no ties).
 
-The evaluation loop ranks with `target_ranks_chunked` (bounded memory for any N; `target_ranks`
-is its dense definition) and averages the gathered ranks on the host with `summarize_ranks`.
+The evaluation loop counts with `target_rank_counts_chunked` (bounded memory for any N;
+`target_ranks` is the dense definition of its ranks) and averages on the host with
+`summarize_ranks`.
 """
 
 from typing import Sequence
@@ -27,7 +29,10 @@ import numpy as np
 Array = jax.Array
 
 DEFAULT_KS = (1, 5, 10, 20, 50)
+# Integer ranks (`target_ranks`): the two ends of a tied range.
 TIE_RULES = ('optimistic', 'pessimistic')
+# Metrics of a tied range (`summarize_ranks`, config.eval.ties).
+METRIC_TIE_RULES = ('expected', 'pessimistic', 'optimistic')
 
 
 def target_ranks(scores: Array, targets: Array, exclude: Array | None = None,
@@ -60,15 +65,16 @@ def target_ranks(scores: Array, targets: Array, exclude: Array | None = None,
 
 
 def sampled_target_ranks(scores: Array, targets: Array, keys: Array, num_negatives: int,
-                         exclude: Array | None = None) -> Array:
+                         exclude: Array | None = None, *, with_ties: bool = False
+                         ) -> Array | tuple[Array, Array]:
   """1-based rank of each target among itself and `num_negatives` sampled negatives.
 
   LLM-ESR-style sampled evaluation, for comparison with papers that report it (it is NOT
   comparable to full ranking: ranks are much smaller). Negatives are drawn uniformly WITHOUT
   replacement from the items that are neither the target nor in `exclude` (the user's history),
   by taking the `num_negatives` largest of per-item uniform noise; a row with fewer eligible items
-  than `num_negatives` tops up with excluded items. Ties count in the target's favour, as in
-  `target_ranks`.
+  than `num_negatives` tops up with excluded items. The rank counts the negatives strictly above
+  the target; `with_ties` also returns the negatives tied with it (for `summarize_ranks`).
 
   Args:
     scores: [batch, N] item scores.
@@ -78,7 +84,7 @@ def sampled_target_ranks(scores: Array, targets: Array, keys: Array, num_negativ
     num_negatives: K, at most N - 1.
     exclude: optional padded item lists int [batch, S] (entries >= N or < 0 ignored).
   Returns:
-    int32 [batch] ranks in 1..K+1.
+    int32 [batch] ranks in 1..K+1; with `with_ties`, (ranks, ties int32 [batch]).
   """
   batch, num_items = scores.shape
   if not 0 < num_negatives < num_items:
@@ -95,7 +101,12 @@ def sampled_target_ranks(scores: Array, targets: Array, keys: Array, num_negativ
   target_score = jnp.take_along_axis(scores, targets[:, None], axis=1)
   negative_scores = jnp.take_along_axis(scores, negatives, axis=1)
   ranks = 1 + jnp.sum(negative_scores > target_score, axis=1, dtype=jnp.int32)
-  return jnp.where(jnp.isnan(target_score[:, 0]), num_negatives + 1, ranks).astype(jnp.int32)
+  is_nan = jnp.isnan(target_score[:, 0])
+  ranks = jnp.where(is_nan, num_negatives + 1, ranks).astype(jnp.int32)
+  if not with_ties:
+    return ranks
+  ties = jnp.sum(negative_scores == target_score, axis=1, dtype=jnp.int32)
+  return ranks, jnp.where(is_nan, 0, ties)
 
 
 def _apply_exclusion(scores: Array, targets: Array, exclude: Array) -> Array:
@@ -140,24 +151,50 @@ def item_groups(train_item_counts: np.ndarray, head_fraction: float = 0.2) -> np
   return is_head
 
 
-def summarize_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def summarize_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
+                    ties: np.ndarray | None = None, rule: str = 'expected') -> dict[str, float]:
   """Host-side means in float64 of HR@K, NDCG@K, MRR@K over gathered ranks, plus 'count'.
 
   HR@K = [rank <= K]; NDCG@K = [rank <= K] / log2(rank + 1); MRR@K = [rank <= K] / rank; every
-  entry of `ranks` counts once. An empty array gives NaN means and count 0.
+  entry counts once. With `ties`, example i's rank is any of ranks[i] .. ranks[i] + ties[i]
+  (ranks = 1 + #{items strictly above}) and `rule` picks its metrics: 'expected' averages each
+  metric over that range (uniform random tie-breaking, exact), 'pessimistic' takes its last rank,
+  'optimistic' its first. An example without ties gives the same number under every rule, bit for
+  bit. An empty array gives NaN means and count 0.
   """
+  if rule not in METRIC_TIE_RULES:
+    raise ValueError(f'Unknown tie rule {rule!r}; use one of {METRIC_TIE_RULES} '
+                     '(config.eval.ties).')
   ranks = np.asarray(ranks, np.float64).reshape(-1)
+  ties = np.zeros_like(ranks) if ties is None else np.asarray(ties, np.float64).reshape(-1)
+  if ties.shape != ranks.shape:
+    raise ValueError(f'ties has {ties.shape[0]} entries, ranks {ranks.shape[0]}.')
+  if rule == 'pessimistic':
+    ranks, ties = ranks + ties, np.zeros_like(ties)
+  elif rule == 'optimistic':
+    ties = np.zeros_like(ties)
   count = ranks.shape[0]
+  last = ranks + ties
+  tied = ties > 0
 
   def mean(values: np.ndarray) -> float:
     return float(np.sum(values) / count) if count else float('nan')
 
+  def tie_mean(gain, k: int, exact: np.ndarray) -> np.ndarray:
+    """Per example: `exact` without ties, else gain(r) averaged over r in ranks..last (r <= k)."""
+    # prefix[j] = sum of gain(r) for r = 1..j, so a range sum is a difference of two entries.
+    prefix = np.concatenate([[0.0], np.cumsum(gain(np.arange(1, k + 1, dtype=np.float64)))])
+    hi = np.minimum(last, k).astype(np.int64)
+    lo = np.minimum(ranks - 1, k).astype(np.int64)
+    return np.where(tied, (prefix[hi] - prefix[lo]) / (ties + 1.0), exact)
+
   out = {'count': float(count)}
   for k in ks:
     hit = (ranks <= k).astype(np.float64)
-    out[f'HR@{k}'] = mean(hit)
-    out[f'NDCG@{k}'] = mean(hit / np.log2(ranks + 1.0))
-    out[f'MRR@{k}'] = mean(hit / ranks)
+    out[f'HR@{k}'] = mean(tie_mean(np.ones_like, k, hit))
+    out[f'NDCG@{k}'] = mean(tie_mean(lambda r: 1.0 / np.log2(r + 1.0), k,
+                                     hit / np.log2(ranks + 1.0)))
+    out[f'MRR@{k}'] = mean(tie_mean(lambda r: 1.0 / r, k, hit / ranks))
   return out
 
 
@@ -211,10 +248,10 @@ def _mask_chunk(scores: Array, start: Array, kind: str, data: Array | None) -> A
   return scores
 
 
-def target_ranks_chunked(states: Array, item_table: Array, targets: Array,
-                         exclude: Array | None = None, *, chunk_size: int,
-                         ties: str = 'optimistic') -> Array:
-  """`target_ranks(states @ item_table.T, targets, exclude, ties)` without the [B, N] scores.
+def target_rank_counts_chunked(states: Array, item_table: Array, targets: Array,
+                               exclude: Array | None = None, *, chunk_size: int
+                               ) -> tuple[Array, Array]:
+  """Per example, the other items scoring strictly above the target and those tied with it.
 
   Scans over the catalogue in chunks of `chunk_size` items, so at most O(B * chunk_size) scores
   (plus O(B * S) exclusion indices) are alive at once, instead of O(B * N): with B = 1024 and
@@ -222,10 +259,10 @@ def target_ranks_chunked(states: Array, item_table: Array, targets: Array,
   zero-padded to a multiple of the chunk size; padding rows never count.
 
   The target's score is computed once as <s, e_target>. Its own column is never compared with
-  it, so float rounding cannot make the target outrank itself. The result equals `target_ranks`
-  on the unchunked scores exactly whenever the scores are exactly representable (as in the
-  tests); with general floats, a different matmul blocking can move an item whose score is
-  within rounding (~1 ulp) of the target's to the other side.
+  it, so float rounding cannot make the target outrank itself. The counts equal those of the
+  unchunked scores exactly whenever the scores are exactly representable (as in the tests); with
+  general floats, a different matmul blocking can move an item whose score is within rounding
+  (~1 ulp) of the target's to the other side.
 
   Args:
     states: [B, h] user states.
@@ -234,28 +271,42 @@ def target_ranks_chunked(states: Array, item_table: Array, targets: Array,
     exclude: None, a padded index list int [B, S] (entries >= N or < 0 ignored), or a bool mask
       [B, N]; the target itself is never excluded (as in `target_ranks`).
     chunk_size: items scored per scan step (static).
-    ties: 'optimistic' or 'pessimistic', as in `target_ranks`.
   Returns:
-    int32 [B] ranks in 1..N (N for a NaN target score).
+    (above, ties), int32 [B] each: the target's rank is any of above+1 .. above+ties+1. A NaN
+    target score gives above = N - 1 and no ties (the worst rank).
   """
-  if ties not in TIE_RULES:
-    raise ValueError(f'Unknown tie rule {ties!r}; use one of {TIE_RULES}.')
   num_items = item_table.shape[0]
   targets = targets.astype(jnp.int32)
   target_score = jnp.einsum('bh,bh->b', states, jnp.take(item_table, targets, axis=0))[:, None]
   chunks, starts = _chunked_table(item_table, chunk_size)
   kind, data = _chunk_exclusion(exclude, targets, num_items, chunk_size)
 
-  def count_chunk(count, chunk_and_start):
+  def count_chunk(counts, chunk_and_start):
     chunk, start = chunk_and_start
     scores = _mask_chunk(states @ chunk.T, start, kind, data)  # [B, C]
     ids = start + jnp.arange(chunk_size, dtype=jnp.int32)
-    # Real items other than the target; the target is accounted for below.
+    # Real items other than the target.
     counted = (ids[None, :] < num_items) & (ids[None, :] != targets[:, None])
-    above = scores > target_score if ties == 'optimistic' else scores >= target_score
-    return count + jnp.sum(above & counted, axis=1, dtype=jnp.int32), None
+    above = jnp.sum((scores > target_score) & counted, axis=1, dtype=jnp.int32)
+    tied = jnp.sum((scores == target_score) & counted, axis=1, dtype=jnp.int32)
+    return (counts[0] + above, counts[1] + tied), None
 
-  count, _ = jax.lax.scan(count_chunk, jnp.zeros(targets.shape, jnp.int32), (chunks, starts))
-  # Optimistic: 1 + #{others strictly above}; pessimistic: the target itself + #{others >=}.
-  ranks = 1 + count
-  return jnp.where(jnp.isnan(target_score[:, 0]), num_items, ranks).astype(jnp.int32)
+  zeros = jnp.zeros(targets.shape, jnp.int32)
+  (above, tied), _ = jax.lax.scan(count_chunk, (zeros, zeros), (chunks, starts))
+  is_nan = jnp.isnan(target_score[:, 0])
+  return jnp.where(is_nan, num_items - 1, above), jnp.where(is_nan, 0, tied)
+
+
+def target_ranks_chunked(states: Array, item_table: Array, targets: Array,
+                         exclude: Array | None = None, *, chunk_size: int,
+                         ties: str = 'optimistic') -> Array:
+  """`target_ranks(states @ item_table.T, targets, exclude, ties)` without the [B, N] scores.
+
+  The ends of `target_rank_counts_chunked`'s range: 'optimistic' above + 1, 'pessimistic'
+  above + ties + 1. Returns int32 [B] ranks in 1..N (N for a NaN target score).
+  """
+  if ties not in TIE_RULES:
+    raise ValueError(f'Unknown tie rule {ties!r}; use one of {TIE_RULES}.')
+  above, tied = target_rank_counts_chunked(states, item_table, targets, exclude,
+                                           chunk_size=chunk_size)
+  return (1 + above + (tied if ties == 'pessimistic' else 0)).astype(jnp.int32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -27,18 +28,20 @@ import tqdm
 
 from alphafuse_jax import builders
 from alphafuse_jax import checkpointing
+from alphafuse_jax import config_checks
 from alphafuse_jax import data as data_lib
+from alphafuse_jax import errors
 from alphafuse_jax import evaluation
 from alphafuse_jax import files
 from alphafuse_jax import metric_writers
 from alphafuse_jax import parallel
-from alphafuse_jax.embeddings import registry
 from alphafuse_jax.models import base
 
-OPTIMIZERS = ('adam_l2', 'adamw', 'sgd')
+OPTIMIZERS = config_checks.OPTIMIZERS
+validate_config = config_checks.validate_config
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.AlphafuseError, FloatingPointError):
   """The training loss became NaN or inf."""
 
 
@@ -46,37 +49,7 @@ class TrainState(train_state.TrainState):
   """Flax TrainState; `step` counts optimiser updates over the whole run."""
 
 
-# ---- configuration checks -------------------------------------------------------------------
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Fails at start, with the fix, on config values that would fail (or mislead) later."""
-  t = config.train
-  if config.model.backbone not in builders.BACKBONES:
-    raise ValueError(f'config.model.backbone={config.model.backbone!r} is not one of '
-                     f'{builders.BACKBONES}.')
-  registry.get_pipeline(config.embedding.pipeline)
-  if config.eval.every_epochs < 1:
-    raise ValueError(f'config.eval.every_epochs={config.eval.every_epochs} must be >= 1.')
-  if config.eval.item_chunk_size < 1:
-    raise ValueError(f'config.eval.item_chunk_size={config.eval.item_chunk_size} must be >= 1.')
-  if config.model.backbone == 'dreamrec':
-    if config.data.protocol == 'leave_one_out':
-      raise ValueError('DreamRec trains on the last position only: use '
-                       "config.data.protocol='cold_start_users' with backbone='dreamrec'.")
-  else:
-    builders.objective(config)  # Checks the loss, its negatives and their scoring.
-  if t.optimizer not in OPTIMIZERS:
-    raise ValueError(f'config.train.optimizer={t.optimizer!r} is not one of {OPTIMIZERS}.')
-  for name, batch in (('train.batch_size', t.batch_size), ('eval.batch_size', config.eval.batch_size)):
-    if batch < 1 or batch % num_devices:
-      raise ValueError(
-          f'config.{name}={batch} must be a positive multiple of the {num_devices} devices '
-          f'(set --config.{name}={max(num_devices, batch // num_devices * num_devices)}).')
-  if t.num_epochs < 1:
-    raise ValueError(f'config.train.num_epochs={t.num_epochs} must be >= 1.')
-  if not t.learning_rate > 0:
-    raise ValueError(f'config.train.learning_rate={t.learning_rate} must be > 0.')
-
-
+# ---- the workdir ---------------------------------------------------------------------------
 def check_workdir(workdir: str) -> str:
   """Creates the workdir and proves it is writable before any work starts."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -87,7 +60,7 @@ def check_workdir(workdir: str) -> str:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(
+    raise errors.WorkdirError(
         f'workdir {workdir!r} is not writable ({e.strerror}); pass --workdir=<a directory you own>.'
     ) from e
   return workdir
@@ -170,17 +143,56 @@ def make_train_step(model: base.Recommender, base_key: jax.Array):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   """Trains with early stopping on val NDCG@20, resumes from `workdir`, tests the best params.
 
+  In order, before any training: the config is validated (nothing is created on an error), the
+  workdir is created and locked (`checkpointing.WorkdirLock`: one run at a time), its recorded
+  config is compared (`checkpointing.check_config_record`), then data and model are built. A
+  run that fails before its first checkpoint removes the workdir it created.
+
   Returns the results (also written to `workdir/results.json`), or None when
   `config.train.stop_after_steps` stopped the run early.
   """
   wall_start = time.perf_counter()
-  workdir = check_workdir(workdir)
-  dp = parallel.DataParallel(config.parallelism)
-  validate_config(config, dp.num_devices)
-  dataset = data_lib.load(config.data)
-  model = builders.build_model(config, dataset,
-                               builders.load_language_embeddings(config, dataset))
+  validate_config(config, jax.device_count())
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  created = not os.path.exists(workdir)
+  is_chief = jax.process_index() == 0
+  lock = None
+  try:
+    check_workdir(workdir)
+    lock = checkpointing.WorkdirLock(workdir) if is_chief else None
+    checkpointing.check_config_record(workdir, config)
+    dp = parallel.DataParallel(config.parallelism)
+    dataset = data_lib.load(config.data)
+    model = build_model(config, dataset)
+    if is_chief:
+      checkpointing.write_config_record(workdir, config)
+    return _train(config, workdir, dp, dataset, model, wall_start)
+  except BaseException:
+    if created and is_chief and not checkpointing.has_checkpoint(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)  # Nothing worth keeping was written.
+    raise
+  finally:
+    if lock is not None:
+      lock.release()
 
+
+def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDataset):
+  """`builders.build_model` with its language table; the factory's ValueErrors (a config that
+  does not fit the data) become `errors.ConfigError`s."""
+  try:
+    return builders.build_model(config, dataset,
+                                builders.load_language_embeddings(config, dataset))
+  except errors.AlphafuseError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataParallel,
+           dataset: data_lib.PreparedDataset, model: base.Recommender,
+           wall_start: float) -> dict[str, Any] | None:
+  """The loop of `train_and_evaluate` on a locked, checked workdir."""
+  patience = config.train.patience or math.inf  # 0 = no early stopping.
   seed_key = jax.random.key(config.train.seed)
   init_key, train_key = jax.random.split(seed_key)
   state = create_train_state(model, config, init_key)
@@ -192,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, progress = restored
     logging.info('resuming from step %d (epoch %d)', int(state.step), progress.epochs_done)
     if (progress.finished and progress.epochs_done < config.train.num_epochs
-        and progress.evals_since_best < config.train.patience):
+        and progress.evals_since_best < patience):
       # A run that ended at its epoch limit, restarted with a higher one, trains on (one that
       # stopped early on patience stays finished).
       progress.finished = False
@@ -228,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar = tqdm.tqdm(batches, total=steps_per_epoch, initial=start_step,
                     desc=f'epoch {epoch + 1}/{config.train.num_epochs}', leave=False,
                     mininterval=1.0, disable=not is_chief or not config.progress_bar)
-    epoch_loss, epoch_steps = 0.0, 0
+    # The epoch's running loss is checkpointed, so a resumed epoch logs the same mean.
+    epoch_loss, epoch_steps = progress.epoch_loss_sum, progress.epoch_steps
     for batch in bar:
       index = row_offset + np.arange(local_rows, dtype=np.int32)
       batch['index'] = index.reshape(batch['mask'].shape)
@@ -247,6 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'config.train.learning_rate or check the embeddings for NaN/inf.')
       epoch_loss += loss
       epoch_steps += 1
+      progress.epoch_loss_sum, progress.epoch_steps = epoch_loss, epoch_steps
       bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
       if every and step % every == 0 and step % steps_per_epoch:
         ckpt.save_latest(step, dp.unreplicate(rstate), progress)
@@ -261,6 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     epoch += 1
     progress.epochs_done = epoch
     record = {'step': step, 'epoch': epoch, 'train_loss': epoch_loss / max(epoch_steps, 1)}
+    progress.epoch_loss_sum, progress.epoch_steps = 0.0, 0
     if epoch % config.eval.every_epochs == 0 or epoch >= config.train.num_epochs:
       val = val_eval.evaluate(rstate.params)
       improved = val['NDCG@20'] > progress.best_metric
@@ -279,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       print(f'epoch {epoch:3d}  loss {record["train_loss"]:.4f}', flush=True)
     if is_chief:
       writer.write(record)
-    if progress.evals_since_best >= config.train.patience or epoch >= config.train.num_epochs:
+    if progress.evals_since_best >= patience or epoch >= config.train.num_epochs:
       progress.finished = True
     ckpt.save_latest(step, state, progress)
 
@@ -315,6 +330,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     test_eval.save_ranks(os.path.join(workdir, 'test_ranks.npz'))
     files.write_json(os.path.join(workdir, 'results.json'), results)
     plot_learning_curve(writer.jsonl_path, os.path.join(workdir, 'learning_curve.png'))
+    # What inference needs beside best/ (config, catalogue, semantic space): alphafuse_jax.serving.
+    from alphafuse_jax import inference_artifacts  # pylint: disable=g-import-not-at-top
+    inference_artifacts.save(workdir, config, dataset)
   return results
 
 

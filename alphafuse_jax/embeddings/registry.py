@@ -112,6 +112,103 @@ def semantic_table(language_embeddings: np.ndarray, *, dim: int | None, standard
     return np.asarray(table, dtype=np.float32), nullity
 
 
+@dataclasses.dataclass(frozen=True)
+class TextMap:
+  """How a text-map pipeline's frozen `language_table` rows are made from scaled language vectors.
+
+  A new item gets its row by `rows` of its vector, exactly as the catalogue's rows were made, so
+  it can be ranked without retraining. `space` is None when the rows are the vectors themselves
+  (MoRec, UniSRec, LLM-ESR's text view); otherwise rows = project(x, space, width, standardize,
+  eigenvalue_floor) in float64, cast to float32 (AlphaFuse, WhitenRec, iDreamRec).
+
+  Attributes:
+    pipeline: the pipeline's name.
+    space: the fitted `decomposition.SemanticSpace` (float64 numpy), or None.
+    width: projected directions (AlphaFuse: k, or k - n with cover; full whitening: d_l).
+    standardize: whether the rows are whitened.
+    eigenvalue_floor: the whitening clamp (config.embedding.eigenvalue_floor).
+    nullity: AlphaFuse's ID width n (None elsewhere).
+    cover: AlphaFuse's cover mode (the ID dims follow the `width` language dims).
+  """
+  pipeline: str
+  space: decomposition.SemanticSpace | None
+  width: int | None
+  standardize: bool
+  eigenvalue_floor: float | None
+  nullity: int | None
+  cover: bool
+
+  def rows(self, language_embeddings: np.ndarray) -> np.ndarray:
+    """float32 [M, width or d_l] frozen-table rows of scaled vectors [M, d_l]."""
+    x = np.asarray(language_embeddings, np.float64)
+    if self.space is None:
+      return x.astype(np.float32)
+    with jax.enable_x64(True):
+      space = decomposition.SemanticSpace(*(np.asarray(a, np.float64) for a in self.space))
+      table = decomposition.project(x, space, self.width, self.standardize,
+                                    eigenvalue_floor=self.eigenvalue_floor)
+      return np.asarray(table, dtype=np.float32)
+
+
+# Pipelines with free rows whose new rows may be their INITIAL values (behind an explicit flag).
+INITIAL_ROW_PIPELINES = ('llminit',)
+
+
+def check_text_map(name: str, *, initial_rows: bool = False) -> Pipeline:
+  """The pipeline `name` if a new item gets its vector from its text alone, else a clear error.
+
+  `initial_rows` also accepts `INITIAL_ROW_PIPELINES`: a new item then gets the row its ID table
+  started from (LLMInit's language projection), not a trained one.
+  """
+  pipeline = get_pipeline(name)
+  if pipeline.text_map or (initial_rows and name in INITIAL_ROW_PIPELINES):
+    return pipeline
+  text_maps = ', '.join(p.name for p in REGISTRY.values() if p.text_map)
+  hint = (f'; {name!r} can give new items their initial rows instead (initial_rows=True, '
+          '--initial_rows)' if name in INITIAL_ROW_PIPELINES else '')
+  raise ValueError(f'Pipeline {name!r} has free item rows ({pipeline.summary}): an item it never '
+                   f'trained on has no vector. New items need a text-map pipeline: '
+                   f'{text_maps}{hint}.')
+
+
+def text_map(config_embedding: Any, *, language_embeddings: np.ndarray,
+             item_counts: np.ndarray | None, initial_rows: bool = False) -> TextMap:
+  """The `TextMap` that `make_item_embedding` builds the pipeline's `language_table` with.
+
+  Same arguments as `make_item_embedding` (plus `initial_rows`, see `check_text_map`: LLMInit's
+  map then gives the initial ID rows); the space is fitted the same way (float64, the same
+  weights), so `rows(language_embeddings)` equals the module's frozen (or initial) table.
+  """
+  cfg = config_embedding
+  pipeline = check_text_map(cfg.pipeline, initial_rows=initial_rows)
+  module = make_item_embedding(cfg, num_items=np.shape(language_embeddings)[0],
+                               language_embeddings=language_embeddings, item_counts=item_counts)
+  x = np.asarray(language_embeddings, np.float64)
+  if pipeline.name in _RAW_TEXT_TABLES or (pipeline.name == 'llminit'
+                                           and module.features == x.shape[1]):
+    return TextMap(pipeline.name, None, None, False, None, None, False)
+  with jax.enable_x64(True):
+    if pipeline.name in ('alphafuse', 'llminit'):  # _Inputs.semantic: the run's weights.
+      weights = np.asarray(item_counts, np.float64) if cfg.item_frequency_weighting else None
+      space = decomposition.fit_semantic_space(x, weights, weighting=cfg.frequency_weighting)
+      fused = pipeline.name == 'alphafuse'
+      return TextMap(pipeline.name, jax.tree.map(np.asarray, space),
+                     module.language_table.dim if fused else module.features,
+                     bool(cfg.standardize), cfg.eigenvalue_floor,
+                     module.null_dim if fused else None, bool(fused and module.cover))
+    if pipeline.name in _WHITENED_TEXT_TABLES:  # _Inputs.whitened_full: uniform weights.
+      space = decomposition.fit_semantic_space(x)
+      return TextMap(pipeline.name, jax.tree.map(np.asarray, space), x.shape[1], True,
+                     cfg.eigenvalue_floor, None, False)
+  raise NotImplementedError(f'text_map does not know how pipeline {pipeline.name!r} builds its '
+                            'language_table; add it to embeddings/registry.py text_map.')
+
+
+# The text-map pipelines whose language_table is the scaled vectors, or their full whitening.
+_RAW_TEXT_TABLES = ('morec', 'unisrec', 'llmesr')
+_WHITENED_TEXT_TABLES = ('whitenrec', 'idreamrec')
+
+
 def _check_int(name: str, value: Any, minimum: int = 1) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f'config.embedding.{name}={value!r} must be an int >= {minimum}.')

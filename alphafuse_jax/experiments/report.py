@@ -72,10 +72,14 @@ def collect_cell(suite: Suite, cell: Cell, results_dir: str, *, train_item_count
     arrays = stats.read_test_ranks(ranks_path, num_items=len(train_item_counts))
     masks = evaluation.group_masks(train_item_counts, arrays['target'], arrays['position'],
                                    head_fraction=head_fraction, short_history=short_history)
-    report.groups = evaluation.group_metrics(arrays['rank'], masks, ks=(10, 20))
-    report.deciles = stats.decile_metric(arrays['rank'], arrays['target'], deciles)
+    # Tied items count as training counted them (the expected rank under random tie-breaking).
+    report.groups = evaluation.group_metrics(arrays['rank'], masks, ks=(10, 20),
+                                             ties=arrays.get('ties'))
+    report.deciles = stats.decile_metric(arrays['rank'], arrays['target'], deciles,
+                                         ties=arrays.get('ties'))
     if 'sampled_rank' in arrays:
-      report.sampled_groups = evaluation.group_metrics(arrays['sampled_rank'], masks, ks=(10, 20))
+      report.sampled_groups = evaluation.group_metrics(arrays['sampled_rank'], masks, ks=(10, 20),
+                                                       ties=arrays.get('sampled_ties'))
   else:
     # results.json's groups carry the same names (at training's thresholds).
     stored = results.get('test_groups', {})

@@ -1,7 +1,7 @@
 """Reading a cell's outputs, and the pure statistics of the report (no plotting, no writing).
 
   read_results(path)            results.json, checked for the test NDCG@20 the runner prints
-  read_test_ranks(path, N)      test_ranks.npz: rank, target, position [n] (+ sampled_rank)
+  read_test_ranks(path, N)      test_ranks.npz: rank, target, position [n] (+ ties, sampled_rank)
   read_curve(path)              epoch -> val NDCG@20 from metrics.jsonl
   popularity_deciles(counts)    int [N] train-popularity bin of every item
   decile_metric(ranks, ...)     float [10] a metric per popularity bin of the target
@@ -37,9 +37,11 @@ def read_results(path: pathlib.Path) -> dict[str, Any]:
 
 
 def read_test_ranks(path: pathlib.Path, num_items: int | None = None) -> dict[str, np.ndarray]:
-  """`rank`, `target`, `position` (and `sampled_rank` when present) from test_ranks.npz, checked.
+  """`rank`, `target`, `position` (and `ties`, `sampled_rank` when present) from test_ranks.npz.
 
-  Every array is [n]; ranks are 1-based and targets lie in 0..num_items-1 (when given).
+  Every array is [n]; ranks are 1-based and targets lie in 0..num_items-1 (when given). `ties`
+  (the items tied with the target; absent in files written before ties were counted, read as 0)
+  makes the run's metrics `metrics.summarize_ranks(rank, ties=ties)`.
   """
   with np.load(path, allow_pickle=False) as npz:
     arrays = {k: np.asarray(npz[k]) for k in npz.files}
@@ -99,18 +101,22 @@ def popularity_deciles(train_item_counts: np.ndarray, num_bins: int = NUM_DECILE
 
 
 def decile_metric(ranks: np.ndarray, targets: np.ndarray, deciles: np.ndarray,
-                  metric: str = 'NDCG@20', num_bins: int = NUM_DECILES) -> np.ndarray:
+                  metric: str = 'NDCG@20', num_bins: int = NUM_DECILES,
+                  ties: np.ndarray | None = None) -> np.ndarray:
   """float [num_bins]: the metric over test examples whose target lies in each bin (NaN if none).
 
-  `ranks`, `targets` are [n]; `deciles` is int [N] from `popularity_deciles`.
+  `ranks`, `targets` (and `ties`, counted as in results.json) are [n]; `deciles` is int [N] from
+  `popularity_deciles`.
   """
+  ties = np.zeros(np.shape(ranks)) if ties is None else np.asarray(ties)
   k = int(metric.split('@')[1])
   target_bins = deciles[np.asarray(targets)]
   out = np.full(num_bins, np.nan)
   for b in range(1, num_bins + 1):
-    selected = np.asarray(ranks)[target_bins == b]
-    if selected.size:  # An empty bin stays NaN.
-      out[b - 1] = metrics_lib.summarize_ranks(selected, ks=(k,))[metric]
+    selected = target_bins == b
+    if selected.any():  # An empty bin stays NaN.
+      out[b - 1] = metrics_lib.summarize_ranks(np.asarray(ranks)[selected], ks=(k,),
+                                               ties=ties[selected])[metric]
   return out
 
 
