@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from alphafuse_jax import builders
 from alphafuse_jax import evaluation
@@ -65,6 +66,9 @@ def test_worker_times_the_training_loops_own_steps(monkeypatch):
   assert out['train_seq_per_s'] > 0 and out['eval_examples_per_s'] > 0 and out['params'] > 0
 
 
+# Slow (about 13 s): the bench CLI end to end; test_worker_times_the_training_loops_own_steps
+# checks that it times the loop's own steps. `bash launch/test.sh -m slow` runs it.
+@pytest.mark.slow
 def test_quick_run_writes_table_json_and_plot(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)

@@ -352,6 +352,8 @@ def make_synthetic(root: pathlib.Path) -> dict:
   }
 
 
+# Slow (about 20 s): LLM-ESR through the whole loop; its terms are checked one by one above.
+@pytest.mark.slow
 def test_one_training_step_gives_finite_metrics(tmp_path):
   config = tiny.get_config()
   for key, value in make_synthetic(tmp_path).items():

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import jax
+import pytest
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -93,6 +94,9 @@ def params_at(workdir: pathlib.Path, step: int) -> list[tuple[str, np.ndarray]]:
           in jax.tree_util.tree_leaves_with_path(restored.state['params'])]
 
 
+# Slow (about 35 s: four JAX processes). The single-process kill-and-resume and the 1- vs
+# 8-device equality tests run by default; `bash launch/test.sh -m slow` runs this one.
+@pytest.mark.slow
 def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
   overrides = dict(make_dataset(tmp_path), **{
       'train.optimizer': 'sgd', 'train.learning_rate': 0.05, 'model.dropout_rate': 0.1,

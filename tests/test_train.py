@@ -124,6 +124,8 @@ def test_end_to_end_writes_results_and_resumes_finished_run(synthetic, tmp_path)
   assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 3
 
 
+# Slow (about 12 s): extending a finished run; resuming mid-run is tested by default.
+@pytest.mark.slow
 def test_finished_run_extended_with_more_epochs_equals_a_longer_run(synthetic, tmp_path):
   config = make_config(dict(synthetic, **{'train.num_epochs': 3}))
   straight = train_lib.train_and_evaluate(config, str(tmp_path / 'straight'))
