@@ -23,6 +23,7 @@ import safetensors.numpy
 import tokenizers
 import tqdm
 
+from alphafuse_jax import errors
 from alphafuse_jax.text import bert
 
 MODEL_NAME = 'sentence-transformers/all-MiniLM-L6-v2'
@@ -34,7 +35,7 @@ DEFAULT_LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256)
 _MODEL_FILES = ('config.json', 'tokenizer.json', 'model.safetensors', 'sentence_bert_config.json')
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(errors.DataFileNotFoundError):
   """The MiniLM model files are not where they should be."""
 
 
