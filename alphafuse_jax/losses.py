@@ -10,6 +10,8 @@ The reference (reference-spec §3.2) trains on the last position only:
 next item at every non-pad history position, see `positional_targets`); the backbone's
 `example_loss` returns it with the row weights, and the train step takes the weighted mean over
 the global batch. `Objective` carries the config.train fields that choose the loss.
+`chunked_ce.py` holds the full-softmax CE that never holds all [..., N] logits (SASRec's
+leave-one-out training computes it over the whole batch).
 
 Item embeddings for the sampled losses are either a table [N or N+1, h] or a callable
 ids -> [..., h] (the item-embedding module itself): with `negative_scoring='gather'` only the
@@ -73,7 +75,10 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
 
 
 def ce_per_example(states: Array, item_table: Array, targets: Array) -> Array:
-  """Full-softmax CE over the N items: states [..., h], item_table [N, h], targets [...] -> [...]."""
+  """Full-softmax CE over the N items: states [..., h], item_table [N, h], targets [...] -> [...].
+
+  It holds all [..., N] logits; `chunked_ce.chunked_ce_per_example` does not.
+  """
   return softmax_cross_entropy(jnp.matmul(states, item_table.T), targets)
 
 

@@ -104,11 +104,6 @@ def make_train_step(model: base.Recommender, base_key: jax.Array):
   and sampling, so the result does not depend on how the batch is split over devices).
   """
 
-  def row_loss(params, history, target, mask, key, table):
-    rngs, loss_key = model.split_example_key(key)
-    return model.apply({'params': params}, history, target, mask, loss_key, table, rngs=rngs,
-                       method='example_loss')
-
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     step_key = jax.random.fold_in(base_key, state.step)
     table_key, example_key = jax.random.split(step_key)
@@ -120,7 +115,7 @@ def make_train_step(model: base.Recommender, base_key: jax.Array):
     def loss_fn(params):
       variables = {'params': params}
       table = model.apply(variables, rngs=base.rng_streams(table_key), method='train_table')
-      per_row, weights = jax.vmap(row_loss, (None, 0, 0, 0, 0, None))(
+      per_row, weights = model.batch_example_loss(
           params, batch['history'], batch['target'], batch['mask'], example_keys, table)
       # Examples (or positions) counted over all devices: the loss is their global mean.
       count = jax.lax.stop_gradient(jax.lax.psum(jnp.sum(weights), parallel.AXIS))

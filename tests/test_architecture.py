@@ -13,7 +13,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'alphafuse_jax'
 LAYERS = (
     ('files', 'errors', 'basic_layers', 'decomposition', 'streaming_decomposition', 'diffusion',
-     'losses', 'metrics', 'parallel'),
+     'losses', 'chunked_ce', 'metrics', 'parallel'),
     ('data',),
     ('text',),
     ('embeddings',),

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alphafuse_jax import chunked_ce
 from alphafuse_jax import losses
 
 N, H, B, K = 7, 5, 6, 4
@@ -281,3 +282,96 @@ def test_l2_normalize_has_torch_gradient_at_zero():
   np.testing.assert_allclose(grad[0], [1.0 / losses.NORMALIZE_EPS, 0.0, 0.0], rtol=1e-5)
   # Away from zero: d(x0/|x|)/dx = (|x|^2 e0 - x0 x) / |x|^3 = [0.64, -0.48, 0] / 5.
   np.testing.assert_allclose(grad[1], [0.128, -0.096, 0.0], **TOL)
+
+
+# ---------------------------------------------------------------- the chunked full softmax
+def _np_ce_and_grads(states, table, targets, cotangent):
+  """float64 CE per position and its gradients (d states, d table) for a cotangent."""
+  s, e = states.astype(np.float64).reshape(-1, states.shape[-1]), table.astype(np.float64)
+  t, g = targets.reshape(-1), cotangent.astype(np.float64).reshape(-1)
+  log_p = _np_log_softmax(s @ e.T)
+  d_logits = g[:, None] * (np.exp(log_p) - np.eye(e.shape[0])[t])
+  return (-log_p[np.arange(t.size), t].reshape(targets.shape),
+          (d_logits @ e).reshape(states.shape), d_logits.T @ s)
+
+
+def _values_and_vjp(fn, states, table, *cotangents):
+  """fn(states, table) and its vjp of each cotangent, in one compiled program."""
+  def run(s, e, gs):
+    values, vjp = jax.vjp(fn, s, e)
+    return values, [vjp(g) for g in gs]
+  values, grads = jax.jit(run)(jnp.asarray(states), jnp.asarray(table),
+                               [jnp.asarray(g) for g in cotangents])
+  return (values, grads[0]) if len(cotangents) == 1 else (values, grads)
+
+
+def _chunk_data(num_items=11, seed=5):
+  """[3, 7] positions; targets include item 0, the last item and chunk boundaries (3, 4: C=4)."""
+  rng = np.random.default_rng(seed)
+  states = rng.normal(size=(3, 7, H)).astype(np.float32)
+  table = rng.normal(size=(num_items, H)).astype(np.float32)
+  targets = rng.integers(0, num_items, size=(3, 7)).astype(np.int32)
+  targets[0, :5] = [0, 3, 4, 7, num_items - 1]
+  weights = (rng.random((3, 7)) > 0.35).astype(np.float32)
+  return states, table, targets, weights
+
+
+@pytest.mark.parametrize('position_chunk, item_chunk', [(1, 1), (5, 3), (512, 4096)])
+def test_chunked_ce_matches_float64_values_and_gradients(position_chunk, item_chunk):
+  """Any chunking (N = 11 not a multiple of C; P not dividing the 21 positions) gives the dense
+  CE's values and gradients; positions of zero cotangent are skipped, not mis-weighted."""
+  states, table, targets, weights = _chunk_data()
+  cotangent = weights * np.arange(1, 22, dtype=np.float32).reshape(3, 7) / 21
+  loss, d_states, d_table = _np_ce_and_grads(states, table, targets, cotangent)
+  fn = lambda s, e: chunked_ce.chunked_ce_per_example(s, e, jnp.asarray(targets),
+                                                  position_chunk=position_chunk,
+                                                  item_chunk=item_chunk)
+  values, got = _values_and_vjp(fn, states, table, cotangent)
+  np.testing.assert_allclose(values, loss, **TOL)
+  np.testing.assert_allclose(got[0], d_states, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got[1], d_table, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(got[0])[cotangent == 0], 0.0)
+  # The dense reference agrees too.
+  np.testing.assert_allclose(losses.ce_per_example(jnp.asarray(states), jnp.asarray(table),
+                                                   jnp.asarray(targets)), loss, **TOL)
+
+
+@pytest.mark.parametrize('item_chunk', [4, 4096])
+def test_chunked_ce_with_weights_skips_weight_zero_and_honours_any_cotangent(item_chunk):
+  """With weights: 0 where the weight is 0, the CE elsewhere; the gradient of a weighted mean
+  (cotangent c * weights: the forward's own gradient, scaled) and of any other cotangent (the
+  recomputing path) are the float64 gradients of those positions."""
+  states, table, targets, weights = _chunk_data(seed=6)
+  counted = weights != 0
+  fn = lambda s, e: chunked_ce.chunked_ce_per_example(
+      s, e, jnp.asarray(targets), jnp.asarray(weights), position_chunk=4, item_chunk=item_chunk)
+  loss = _np_ce_and_grads(states, table, targets, weights)[0]
+  other = np.arange(21, dtype=np.float32).reshape(3, 7) / 7  # Nonzero at weight-0 positions too.
+  cotangents = (weights * np.float32(0.37), other)
+  values, grads = _values_and_vjp(fn, states, table, *cotangents)
+  np.testing.assert_allclose(np.asarray(values)[counted], loss[counted], **TOL)
+  np.testing.assert_array_equal(np.asarray(values)[~counted], 0.0)
+  for cotangent, got in zip(cotangents, grads):
+    _, d_states, d_table = _np_ce_and_grads(states, table, targets, cotangent * counted)
+    np.testing.assert_allclose(got[0], d_states, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], d_table, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_ce_stays_exact_under_vmap():
+  """Mapped over rows, inside a gradient (one table gradient for the batch) or around one
+  (a table gradient per row), the chunked CE gives the float64 gradients."""
+  states, table, targets, weights = _chunk_data(seed=7)
+  s, e, t, w = (jnp.asarray(x) for x in (states, table, targets, weights))
+  ce = lambda si, ti, wi: chunked_ce.chunked_ce_per_example(si, e, ti, wi, position_chunk=4,
+                                                        item_chunk=4)
+  grad_of_map = jax.jit(jax.grad(lambda s: jnp.sum(jax.vmap(ce)(s, t, w) * w)))(s)
+  _, d_states, _ = _np_ce_and_grads(states, table, targets, weights)
+  np.testing.assert_allclose(grad_of_map, d_states, rtol=1e-5, atol=1e-6)
+  row_loss = lambda e, si, ti, wi: jnp.sum(chunked_ce.chunked_ce_per_example(
+      si, e, ti, wi, position_chunk=4, item_chunk=4) * wi)
+  per_row = jax.jit(jax.vmap(jax.grad(row_loss), (None, 0, 0, 0)))(e, s, t, w)
+  for row in range(3):
+    want = _np_ce_and_grads(states[row], table, targets[row], weights[row])[2]
+    np.testing.assert_allclose(per_row[row], want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='chunk sizes'):
+    chunked_ce.chunked_ce_per_example(s, e, t, position_chunk=0)

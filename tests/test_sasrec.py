@@ -271,3 +271,86 @@ def test_dropout_rate_scaling_and_determinism(rate):
   # The same computation run twice, and the identity in eval mode: exact.
   np.testing.assert_array_equal(np.asarray(again), y)
   np.testing.assert_array_equal(np.asarray(module.apply({}, x, deterministic=True)), np.asarray(x))
+
+
+# ---------------------------------------------------------------- leave-one-out, a batch at once
+def test_dropout_masks_are_jax_random_bits_halves():
+  """basic_layers.Dropout's mask is the 16-bit halves of jax.random.bits(rng, ((size + 1) // 2,))
+  (low halves first) against 0.3 * 2^16, for typed and raw keys; `threefry_words` is
+  jax.random.bits word for word (all words, or a subset by counters); and a trailing block with
+  `full_shape` gets the full input's mask there."""
+  from alphafuse_jax import basic_layers
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 7, 5)), jnp.float32)
+  threshold = round(0.3 * 65536)
+  for key in (jax.random.key(4), jax.random.PRNGKey(4)):
+    got = jax.jit(lambda k: basic_layers.Dropout(0.3).apply({}, x, False, rngs={'dropout': k}))(key)
+    # The oracle: the rng the module draws from, and the words of jax.random.bits (numpy halves).
+    module_rng = jax.jit(lambda k: basic_layers.Dropout(0.3).apply(
+        {}, rngs={'dropout': k}, method=lambda m: m.make_rng('dropout')))(key)
+    words = np.asarray(jax.random.bits(module_rng, (53,), jnp.uint32))  # ceil(105 / 2)
+    halves = np.concatenate([words & 0xFFFF, words >> 16])[:105].reshape(x.shape)
+    want = np.where(halves >= threshold, np.asarray(x) * (65536 / (65536 - threshold)), 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(np.asarray(got) == 0, halves < threshold)
+    words_all = jax.jit(lambda k: basic_layers.threefry_words(k, 53))(module_rng)
+    np.testing.assert_array_equal(words_all, words)
+    counters = jnp.asarray([[52, 0], [7, 31]], jnp.uint32)
+    np.testing.assert_array_equal(
+        jax.jit(lambda k: basic_layers.threefry_words(k, 53, counters))(module_rng),
+        words[np.asarray(counters)])
+    block = jax.jit(lambda k: basic_layers.Dropout(0.3).apply(
+        {}, x[1:, 4:], False, full_shape=x.shape, rngs={'dropout': k}))(key)
+    np.testing.assert_allclose(block, np.asarray(got)[1:, 4:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize('block', ['reference', 'standard'])
+def test_encode_suffix_is_encode_at_the_last_positions(block):
+  """Rows whose first L - S positions are padding: `encode_suffix` of their last S positions is
+  `encode` there, in train mode with the same rngs (dropout masks of the full length)."""
+  model = _model(block, num_blocks=1, dropout_rate=0.3)
+  params = _random_params(model)
+  rows = HISTORY[[0, 2, 3]]  # At most 3 real items: S = 3 covers them.
+  run = lambda x, method: model.apply({'params': params}, x, deterministic=False,
+                                     rngs={'dropout': jax.random.key(8)}, method=method)
+  full, suffix = jax.jit(lambda x: (run(x, 'encode'), run(x[:, 2:], 'encode_suffix')))(
+      jnp.asarray(rows))
+  np.testing.assert_allclose(suffix, full[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_batch_example_loss_is_the_per_row_loss(monkeypatch):
+  """Leave-one-out CE computed a batch at once (rows sorted, grouped, encoded at bucketed
+  lengths) = the per-row `example_loss` path: weights exactly; losses, the weighted mean's
+  gradient (scaled in the backward pass) and a non-proportional cotangent's (recomputed)."""
+  from alphafuse_jax import losses
+  from alphafuse_jax.models import base
+  monkeypatch.setattr(SASRec, 'GROUP_ROWS', 2)
+  monkeypatch.setattr(SASRec, 'NUM_LENGTHS', 2)  # Lengths 3 and 5.
+  model = SASRec(IDEmbedding(N, H, id_init='normal'), L, block='standard', num_blocks=1,
+                 num_heads=2, dropout_rate=0.3, objective=losses.Objective('ce', per_position=True))
+  params = _random_params(model)
+  history = jnp.asarray(np.concatenate([HISTORY, HISTORY[:1]]))  # 5 rows: a group is padded.
+  target = jnp.asarray([3, 5, 1, 2, 6], jnp.int32)
+  mask = jnp.asarray([True, True, True, True, False])
+  keys = jax.random.split(jax.random.key(2), 5)
+  table = params['item_embedding']['id_table'][:N]
+  other = jnp.arange(5 * L, dtype=jnp.float32).reshape(5, L) / 9
+
+  @jax.jit
+  def run(params, table):
+    out = {}
+    for name, fn in (('batch', model.batch_example_loss),
+                     ('rows', lambda *a: base.Recommender.batch_example_loss(model, *a))):
+      (per_position, weights), vjp = jax.vjp(
+          lambda p, e: fn(p, history, target, mask, keys, e), params, table)
+      counted = weights != 0
+      cotangents = jnp.stack([weights * 0.25, other * counted])
+      out[name] = (per_position * counted, weights,
+                   jax.vmap(lambda g: vjp((g, jnp.zeros_like(g))))(cotangents))
+    return out
+
+  out = run(params, table)
+  np.testing.assert_array_equal(out['batch'][1], out['rows'][1])
+  assert int(np.sum(np.asarray(out['rows'][1]))) == 3 + 5 + 1  # Row 4 is batch padding.
+  for got, want in zip(jax.tree.leaves((out['batch'][0], out['batch'][2])),
+                       jax.tree.leaves((out['rows'][0], out['rows'][2]))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

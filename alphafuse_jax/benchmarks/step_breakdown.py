@@ -22,11 +22,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
 
+from alphafuse_jax.benchmarks import loo_step
 from alphafuse_jax.benchmarks import sweep  # Also defines --min_seconds, shared here.
 
 _DEVICES = flags.DEFINE_integer('devices', 2, 'Forced host devices (one per core by default).')
@@ -38,13 +38,7 @@ POINT = dict(hidden=128, batch=256, eval_batch=1024, negatives=64, steps=5, mode
 
 
 def _median_seconds(fn, min_seconds: float, min_calls: int = 20) -> float:
-  fn()  # Warm-up.
-  times, start = [], time.perf_counter()
-  while len(times) < min_calls or time.perf_counter() - start < min_seconds:
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return statistics.median(loo_step.call_times(fn, min_seconds, min_calls))
 
 
 def measure_part(part: str, min_seconds: float) -> float:

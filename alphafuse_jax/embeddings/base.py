@@ -19,7 +19,7 @@ tens of MB; tables of hundreds of MB would rather live in a non-param variable c
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -84,7 +84,12 @@ class ItemEmbedding(nn.Module):
 
   It carries the default auxiliary loss (none); a pipeline with one (RLMRec) overrides it and
   returns it already multiplied by its weight, so the train step adds it as it is.
+
+  `random_lookup`: whether a train-mode lookup draws random numbers (dropout, noise) of the ids'
+  shape. A backbone that looks up only part of a history (SASRec's leave-one-out batch path)
+  would draw different numbers for it, so it keeps the per-row path for such a pipeline.
   """
+  random_lookup: ClassVar[bool] = False
 
   @property
   def features(self) -> int:

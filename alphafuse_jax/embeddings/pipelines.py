@@ -5,6 +5,8 @@ The decomposition that feeds the frozen tables runs once, in `registry.make_item
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -202,6 +204,7 @@ class UniSRecEmbedding(ItemEmbedding):
   num_experts: int = 8
   dropout_rate: float = 0.2
   gating_rng: str = 'gating'
+  random_lookup: ClassVar[bool] = True  # Expert dropout and gating noise in train mode.
 
   @property
   def features(self) -> int:

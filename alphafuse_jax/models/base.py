@@ -4,8 +4,9 @@ A backbone owns its loss and its scores, so the train and eval steps never ask w
 hold. The train step, per device, does exactly this (keys are explained in `train.py`):
 
   table = model.train_table()                                   once per step (rngs: table key)
-  for each row, vmapped, rngs and key from `split_example_key`:
-    loss, weight = model.example_loss(history, target, mask, key, table)
+  losses, weights = model.batch_example_loss(params, history, target, mask, keys, table)
+    (by default, for each row, vmapped, rngs and key from `split_example_key`:
+     loss, weight = model.example_loss(history, target, mask, key, table))
   loss = sum(loss * weight) / global weight + model.auxiliary_loss() + model.batch_loss(...)
 
 and the eval step ranks `ranking_states(history, index)` against `item_table()`. `init_all`
@@ -91,6 +92,29 @@ class Recommender(nn.Module):
         lambda ids: self.item_embedding(ids, deterministic=False))
     return self.objective.per_example(states, targets, items, key=key,
                                       num_items=self.num_items), weights
+
+  @nn.nowrap
+  def batch_example_loss(self, params, history: Array, target: Array, mask: Array, keys: Array,
+                         table: Array | None) -> tuple[Array, Array]:
+    """Every row's (loss, weight) on one device's batch, as `example_loss` gives them per row.
+
+    Called on the unbound model with its params, inside the step's grad. By default `example_loss`
+    vmapped over the rows, each with the rngs and loss key `split_example_key` makes of its key;
+    a backbone may compute the batch at once (SASRec's leave-one-out training does).
+
+    Args:
+      params: the model's params; history int [b, L]; target int [b]; mask bool [b]; keys: [b]
+        row keys; table: `train_table()`.
+    Returns:
+      (losses, weights), both [b] or both [b, L]; a weight-0 loss is any finite value.
+    """
+
+    def row_loss(history, target, mask, key):
+      rngs, loss_key = self.split_example_key(key)
+      return self.apply({'params': params}, history, target, mask, loss_key, table, rngs=rngs,
+                        method='example_loss')
+
+    return jax.vmap(row_loss)(history, target, mask, keys)
 
   def auxiliary_loss(self, *, deterministic: bool) -> Array:
     """The item embedding's own weighted loss (RLMRec's reconstruction; 0 for most)."""

@@ -9,6 +9,11 @@ Two families live here:
 
 Every module takes a boolean `pad_mask` [batch, seq_len] that is True at padding positions, instead of
 the reference's `sum(e) == 0` test; the masked scores get the reference's fill -2^32+1 either way.
+
+`full_len` (leave-one-out training, `SASRec.encode_suffix`): the inputs hold the LAST seq_len of
+full_len positions, all earlier ones being padding. The outputs there equal the full-length
+computation's (padding keys get zero attention), and every dropout draws the mask the full-length
+input would get (`dropout_as_in_full`), so the results match; only the random bits are full-size.
 """
 
 import math
@@ -41,6 +46,17 @@ def attention_mask(pad_mask: Array) -> Array:
   return (causal[None, :, :] & ~pad_mask[:, None, :])[:, None, :, :]
 
 
+def dropout_as_in_full(dropout: Dropout, x: Array, *, deterministic: bool,
+                       full_len: int | None = None, axes: tuple[int, ...] = (1,)) -> Array:
+  """`dropout(x)` where x holds the last positions of `full_len` on `axes`: the mask there is the
+  full-length input's."""
+  if full_len is None or deterministic:
+    return dropout(x, deterministic=deterministic)
+  axes = [a % x.ndim for a in axes]
+  full_shape = tuple(full_len if a in axes else n for a, n in enumerate(x.shape))
+  return dropout(x, deterministic=False, full_shape=full_shape)
+
+
 def _split_heads(x: Array, num_heads: int) -> Array:
   """[batch, seq_len, h] -> [batch, heads, seq_len, h / heads]: head k holds channel chunk k."""
   batch, seq_len, hidden = x.shape
@@ -54,19 +70,22 @@ def _merge_heads(x: Array) -> Array:
 
 
 def masked_softmax_attention(q: Array, k: Array, v: Array, mask: Array, scale: float,
-                             dropout: nn.Module, deterministic: bool) -> Array:
+                             dropout: nn.Module, deterministic: bool,
+                             full_len: int | None = None) -> Array:
   """softmax(q k^T * scale, masked with MASK_FILL) -> dropout -> @ v, per head.
 
   Args:
     q, k, v: [batch, heads, seq_len, head_dim].
     mask: bool broadcastable to [batch, heads, seq_len, seq_len], True where allowed.
+    full_len: see the module docstring (q and k hold the same last positions).
   Returns:
     [batch, heads, seq_len, head_dim].
   """
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k) * scale
   scores = jnp.where(mask, scores, MASK_FILL)
   weights = jax.nn.softmax(scores, axis=-1)
-  weights = dropout(weights, deterministic=deterministic)
+  weights = dropout_as_in_full(dropout, weights, deterministic=deterministic, full_len=full_len,
+                               axes=(-2, -1))
   return jnp.einsum('bhqk,bhkd->bhqd', weights, v)
 
 
@@ -84,7 +103,8 @@ class ReferenceAttention(nn.Module):
 
   @nn.compact
   def __call__(self, queries: Array, keys: Array, pad_mask: Array, *,
-               deterministic: bool, query_positions: Array | None = None) -> Array:
+               deterministic: bool, query_positions: Array | None = None,
+               full_len: int | None = None) -> Array:
     """Attention of queries over keys.
 
     Args:
@@ -106,7 +126,7 @@ class ReferenceAttention(nn.Module):
       causal = jnp.arange(seq_len)[None, :] <= query_positions[:, None]
       mask = (causal & ~pad_mask)[:, None, None, :]
     out = masked_softmax_attention(q, k, v, mask, 1.0 / math.sqrt(hidden),
-                                   Dropout(self.dropout_rate), deterministic)
+                                   Dropout(self.dropout_rate), deterministic, full_len)
     return _merge_heads(out) + queries
 
 
@@ -115,11 +135,12 @@ class ReferenceFeedForward(nn.Module):
   dropout_rate: float = 0.1
 
   @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool, full_len: int | None = None) -> Array:
     hidden = x.shape[-1]
     y = TorchDense(hidden, name='w_1')(x)
     y = TorchDense(hidden, name='w_2')(nn.relu(y))
-    y = Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dropout_as_in_full(Dropout(self.dropout_rate), y, deterministic=deterministic,
+                           full_len=full_len)
     return layer_norm(name='layer_norm')(y + x)
 
 
@@ -136,7 +157,7 @@ class ReferenceBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool,
-               query_positions: Array | None = None) -> Array:
+               query_positions: Array | None = None, full_len: int | None = None) -> Array:
     """The block at every position, or only at `query_positions`.
 
     Args:
@@ -155,9 +176,10 @@ class ReferenceBlock(nn.Module):
       x_query = x
     q = layer_norm(name='ln_1')(x_query)
     a = ReferenceAttention(self.num_heads, self.dropout_rate, name='attention')(
-        q, x, pad_mask, deterministic=deterministic, query_positions=query_positions)
+        q, x, pad_mask, deterministic=deterministic, query_positions=query_positions,
+        full_len=full_len)
     f = ReferenceFeedForward(self.dropout_rate, name='feed_forward')(
-        layer_norm(name='ln_2')(a), deterministic=deterministic)
+        layer_norm(name='ln_2')(a), deterministic=deterministic, full_len=full_len)
     return layer_norm(name='ln_3')(f * keep)
 
 
@@ -167,7 +189,8 @@ class MultiHeadSelfAttention(nn.Module):
   dropout_rate: float = 0.1
 
   @nn.compact
-  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool) -> Array:
+  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool,
+               full_len: int | None = None) -> Array:
     """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h]."""
     hidden = x.shape[-1]
     head_dim = hidden // self.num_heads
@@ -175,7 +198,7 @@ class MultiHeadSelfAttention(nn.Module):
     k = _split_heads(TorchDense(hidden, name='key')(x), self.num_heads)
     v = _split_heads(TorchDense(hidden, name='value')(x), self.num_heads)
     out = masked_softmax_attention(q, k, v, attention_mask(pad_mask), 1.0 / math.sqrt(head_dim),
-                                   Dropout(self.dropout_rate), deterministic)
+                                   Dropout(self.dropout_rate), deterministic, full_len)
     return TorchDense(hidden, name='out')(_merge_heads(out))
 
 
@@ -196,7 +219,7 @@ class StandardBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool,
-               query_positions: Array | None = None) -> Array:
+               query_positions: Array | None = None, full_len: int | None = None) -> Array:
     """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h].
 
     With `query_positions` (int [batch]) the result is [batch, 1, h], the states at those positions
@@ -208,18 +231,21 @@ class StandardBlock(nn.Module):
     ln_1, ln_2 = layer_norm(name='ln_1'), layer_norm(name='ln_2')
     w_1, w_2 = TorchDense(hidden, name='w_1'), TorchDense(hidden, name='w_2')
 
-    def ffn(y):
-      y = Dropout(self.dropout_rate)(nn.relu(w_1(y)), deterministic=deterministic)
-      return w_2(y)
-
     def dropout(y):
-      return Dropout(self.dropout_rate)(y, deterministic=deterministic)
+      return dropout_as_in_full(Dropout(self.dropout_rate), y, deterministic=deterministic,
+                                full_len=full_len)
+
+    def ffn(y):
+      return w_2(dropout(nn.relu(w_1(y))))
+
+    def attend(y):
+      return attention(y, pad_mask, deterministic=deterministic, full_len=full_len)
 
     if self.pre_ln:
-      x = x + dropout(attention(ln_1(x), pad_mask, deterministic=deterministic))
+      x = x + dropout(attend(ln_1(x)))
       x = x + dropout(ffn(ln_2(x)))
     else:
-      x = ln_1(x + dropout(attention(x, pad_mask, deterministic=deterministic)))
+      x = ln_1(x + dropout(attend(x)))
       x = ln_2(x + dropout(ffn(x)))
     x = x * keep
     if query_positions is not None:
@@ -253,12 +279,14 @@ def encoder_blocks(block: str, num_blocks: int, num_heads: int, dropout_rate: fl
 
 
 def run_encoder(blocks, final_ln: nn.Module | None, x: Array, pad_mask: Array, *,
-                deterministic: bool, query_positions: Array | None = None) -> Array:
+                deterministic: bool, query_positions: Array | None = None,
+                full_len: int | None = None) -> Array:
   """x [B, L, h] through the blocks, padding rows re-zeroed before each block.
 
   With `query_positions` [B] the last block returns the states at those positions, [B, 1, h] (a
   reference block computes only those, about half its work; a standard one gathers them); otherwise
-  [B, L, h]. The final LayerNorm is per position, so it commutes with the gather.
+  [B, L, h]. The final LayerNorm is per position, so it commutes with the gather. `full_len`: x
+  holds the last positions of that many (see the module docstring).
   """
   keep = (~pad_mask)[..., None].astype(x.dtype)
   for i, block in enumerate(blocks):
@@ -266,5 +294,5 @@ def run_encoder(blocks, final_ln: nn.Module | None, x: Array, pad_mask: Array, *
     if query_positions is not None and i == len(blocks) - 1:
       x = block(x, pad_mask, deterministic=deterministic, query_positions=query_positions)
     else:
-      x = block(x, pad_mask, deterministic=deterministic)
+      x = block(x, pad_mask, deterministic=deterministic, full_len=full_len)
   return x if final_ln is None else final_ln(x)

@@ -11,6 +11,11 @@ Two block styles (see `layers.py`):
 The item embedding is any `embeddings.ItemEmbedding` (pad id = num_items). SASRec trains by its
 `objective` (losses.Objective): the last position's state, or every position's (leave-one-out),
 against the item table (full softmax) or sampled negatives.
+
+Leave-one-out training with the full softmax runs a device's batch at once
+(`batch_example_loss`): rows are sorted by history length and encoded in groups, each group at the
+shortest of a few lengths that covers its longest (left-padded) history, and the CE skips the
+positions that do not count. Dropout masks, losses and gradients are those of the per-row path.
 """
 
 import math
@@ -19,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alphafuse_jax import chunked_ce
 from alphafuse_jax import losses
 from alphafuse_jax.models import base
 from alphafuse_jax.models import layers
@@ -85,6 +91,10 @@ class SASRec(base.Recommender):
   def num_items(self) -> int:
     return self.item_embedding.num_items
 
+  # Leave-one-out batches: rows per group, and the number of lengths a group may be encoded at.
+  GROUP_ROWS = 8
+  NUM_LENGTHS = 8
+
   def encode(self, history: Array, *, deterministic: bool) -> Array:
     """Hidden states at every position.
 
@@ -95,20 +105,33 @@ class SASRec(base.Recommender):
     """
     return self._encode(history, deterministic=deterministic)
 
+  def encode_suffix(self, history: Array, *, deterministic: bool) -> Array:
+    """`encode` of rows' last S positions, when all their earlier positions are padding.
+
+    Args:
+      history: int [batch, S], 1 <= S <= L: the last S positions of [batch, L] histories.
+    Returns:
+      [batch, S, h]: `encode` of the full rows at those positions (same dropout masks).
+    """
+    return self._encode(history, deterministic=deterministic, suffix=True)
+
   def _encode(self, history: Array, *, deterministic: bool,
-              query_positions: Array | None = None) -> Array:
+              query_positions: Array | None = None, suffix: bool = False) -> Array:
     """`encode`, or with `query_positions` [batch] the last block at those positions only."""
-    if history.ndim != 2 or history.shape[1] != self.max_len:
+    length = history.shape[-1]
+    if history.ndim != 2 or not (length <= self.max_len if suffix else length == self.max_len):
       raise ValueError(f'SASRec expects history of shape [batch, {self.max_len}] '
                        f'(config.data.max_len), got {history.shape}.')
+    full_len = self.max_len if suffix else None
     pad_mask = history == self.num_items
     x = self.item_embedding(history, deterministic=deterministic)
     if self.block == 'standard':
       x = x * math.sqrt(x.shape[-1])
-    x = x + self.position_embedding(jnp.arange(self.max_len))[None]
-    x = self.embedding_dropout(x, deterministic=deterministic)
-    return layers.run_encoder(self.blocks, self.final_ln, x, pad_mask,
-                              deterministic=deterministic, query_positions=query_positions)
+    x = x + self.position_embedding(jnp.arange(self.max_len - length, self.max_len))[None]
+    x = layers.dropout_as_in_full(self.embedding_dropout, x, deterministic=deterministic,
+                                  full_len=full_len)
+    return layers.run_encoder(self.blocks, self.final_ln, x, pad_mask, deterministic=deterministic,
+                              query_positions=query_positions, full_len=full_len)
 
   def __call__(self, history: Array, *, deterministic: bool) -> Array:
     """User states [batch, h]: the hidden state at the last non-pad position (L-1 if none).
@@ -118,3 +141,122 @@ class SASRec(base.Recommender):
     """
     last = last_nonpad_index(history == self.num_items)
     return self._encode(history, deterministic=deterministic, query_positions=last)[:, 0]
+
+  # ---- leave-one-out training, a batch at once ------------------------------------------------
+  @nn.nowrap
+  def batch_example_loss(self, params, history: Array, target: Array, mask: Array, keys: Array,
+                         table: Array | None) -> tuple[Array, Array]:
+    """`Recommender.batch_example_loss`; per-position full-softmax CE runs the batch at once.
+
+    Rows are sorted by the length they need (from their first real item on; 0 for padding rows
+    of the last batch) and taken GROUP_ROWS at a time; a group is encoded at the shortest of
+    NUM_LENGTHS lengths (multiples of L / NUM_LENGTHS) that covers its longest row
+    (`encode_suffix`, each row with its own rngs), and its CE skips the positions that do not
+    count. Losses at weight-0 positions are 0 here (the per-row path scores them). Pipelines
+    whose lookups draw random numbers (`ItemEmbedding.random_lookup`: UniSRec) keep the per-row
+    path, whose draws this path could not reproduce.
+
+    A group's gradient is computed with its forward pass, inside the branch that picked its
+    length, so no branch-dependent residuals cross the `lax.switch` (reverse-mode through it
+    would copy every branch's residual slots); the backward pass scales the summed gradient
+    when its cotangent is c * weights (the train step's weighted mean) and otherwise
+    differentiates the per-row path exactly. Hence a call pays for the gradient even if none is
+    taken: meant for the train step.
+    """
+    objective = self.objective
+    if (not (objective.per_position and objective.kind == 'ce') or table is None
+        or self.item_embedding.random_lookup):
+      return super().batch_example_loss(params, history, target, mask, keys, table)
+    return _grouped_positional_ce(self)(params, table, history, target, mask, keys)
+
+  @nn.nowrap
+  def suffix_states(self, params, size: int, history: Array, keys: Array) -> Array:
+    """Train-mode states [n, L, h] of rows [n, L] whose first L - size positions are padding
+    (zeros there), each row with the rngs of its key."""
+
+    def row(history, key):
+      rngs, _ = self.split_example_key(key)
+      return self.apply({'params': params}, history[None, history.shape[0] - size:],
+                        deterministic=False, rngs=rngs, method='encode_suffix')[0]
+
+    states = jax.vmap(row)(history, keys)
+    return jnp.pad(states, ((0, 0), (history.shape[1] - size, 0), (0, 0)))
+
+
+def _positional_weights(history: Array, target: Array, mask: Array, pad: int):
+  """(targets, weights) [b, L] of leave-one-out training (uncounted positions target item 0)."""
+  targets, valid = losses.positional_targets(history, target, pad)
+  weights = valid.astype(jnp.float32) * mask[:, None]
+  return jnp.where(weights > 0, targets, 0), weights
+
+
+def _grouped_positional_ce(model: SASRec):
+  """(params, table, history, target, mask, keys) -> (losses, weights) [b, L], as a custom_vjp."""
+  pad, rows_per_group = model.num_items, model.GROUP_ROWS
+
+  def group_step(sizes, params, table):
+    def branch(size):
+      def run(history, target, mask, keys):
+        targets, weights = _positional_weights(history, target, mask, pad)
+        states, encoder_vjp = jax.vjp(lambda p: model.suffix_states(p, size, history, keys),
+                                      params)
+        per_position, d_states, d_table = chunked_ce.chunked_ce_with_gradient(
+            states, table, targets, weights)
+        return per_position, (encoder_vjp(d_states)[0], d_table)
+      return run
+
+    def body(total, group):
+      index, *arrays = group
+      per_position, grads = jax.lax.switch(index, [branch(size) for size in sizes], *arrays)
+      return jax.tree.map(jnp.add, total, grads), per_position
+    return body
+
+  def forward(params, table, history, target, mask, keys):
+    rows, length = history.shape
+    real = history != pad
+    needed = jnp.where(mask & real.any(axis=1), length - jnp.argmax(real, axis=1), 0)
+    order = jnp.argsort(needed, stable=True)
+    # Rows sorted by need; padding rows (need 0, uncounted) first up to whole groups.
+    extra = -rows % rows_per_group
+    fill = lambda x, value: jnp.concatenate(
+        [jnp.broadcast_to(value, (extra,) + x.shape[1:]).astype(x.dtype), x[order]])
+    arrays = (fill(history, pad), fill(target, 0), fill(mask, False),
+              jnp.concatenate([jnp.stack([keys[0]] * extra), keys[order]]) if extra else
+              keys[order])
+    grouped = [x.reshape((-1, rows_per_group) + x.shape[1:]) for x in arrays]
+    sizes = sorted({-(-length * k // model.NUM_LENGTHS) for k in range(1, model.NUM_LENGTHS + 1)})
+    longest = jnp.max(jnp.concatenate([jnp.zeros(extra, needed.dtype), needed[order]]).reshape(
+        -1, rows_per_group), axis=1)
+    index = jnp.searchsorted(jnp.asarray(sizes), longest)
+    zeros = jax.tree.map(jnp.zeros_like, (params, table))
+    grads, per_position = jax.lax.scan(group_step(sizes, params, table), zeros,
+                                       (index, *grouped))
+    per_position = per_position.reshape(-1, length)[extra:][jnp.argsort(order)]
+    _, weights = _positional_weights(history, target, mask, pad)
+    return (per_position, weights), grads
+
+  @jax.custom_vjp
+  def grouped(params, table, history, target, mask, keys):
+    return forward(params, table, history, target, mask, keys)[0]
+
+  def grouped_fwd(params, table, history, target, mask, keys):
+    (per_position, weights), grads = forward(params, table, history, target, mask, keys)
+    return (per_position, weights), (grads, weights, (params, table, history, target, mask, keys))
+
+  def grouped_bwd(saved, cotangents):
+    grads, weights, inputs = saved
+    cotangent = cotangents[0]  # The weights depend on no parameter.
+    scale = chunked_ce.proportionality(cotangent, weights)
+
+    def exact():  # Any other cotangent: the per-row path, at the counted positions.
+      params, table, history, target, mask, keys = inputs
+      per_row = lambda p, e: base.Recommender.batch_example_loss(
+          model, p, history, target, mask, keys, e)[0] * (weights != 0)
+      return jax.vjp(per_row, params, table)[1](cotangent)
+
+    d_params, d_table = jax.lax.cond(jnp.all(cotangent == scale * weights),
+                                     lambda: jax.tree.map(lambda g: scale * g, grads), exact)
+    return d_params, d_table, None, None, None, None
+
+  grouped.defvjp(grouped_fwd, grouped_bwd)
+  return grouped
