@@ -286,6 +286,9 @@ def main(argv=None):
     # Run by path, this file's folder leads sys.path: the tree comes from PYTHONPATH alone.
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
       sys.path.pop(0)
+    # An editable install's finder would fill modules the tree lacks from the installed checkout.
+    sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(
+        f, '__module__', '') and '__editable__' not in type(f).__module__]
     spec = json.loads(args.worker)
     print(RESULT + json.dumps(run_worker(spec['part'], spec['dropout'], spec['min_seconds'])))
     return
