@@ -325,6 +325,7 @@ def test_batch_example_loss_is_the_per_row_loss(monkeypatch):
   from alphafuse_jax.models import base
   monkeypatch.setattr(SASRec, 'GROUP_ROWS', 2)
   monkeypatch.setattr(SASRec, 'NUM_LENGTHS', 2)  # Lengths 3 and 5.
+  monkeypatch.setattr(SASRec, 'MIN_LENGTH_STEP', 1)
   model = SASRec(IDEmbedding(N, H, id_init='normal'), L, block='standard', num_blocks=1,
                  num_heads=2, dropout_rate=0.3, objective=losses.Objective('ce', per_position=True))
   params = _random_params(model)

@@ -92,8 +92,11 @@ class SASRec(base.Recommender):
     return self.item_embedding.num_items
 
   # Leave-one-out batches: rows per group, and the number of lengths a group may be encoded at.
+  # A bucket is at least MIN_LENGTH_STEP positions wide: narrower ones save less than their
+  # branch costs to compile (L = 200: 8 lengths 25, 50, ..., 200; L = 50: 3; L <= 31: 1).
   GROUP_ROWS = 8
   NUM_LENGTHS = 8
+  MIN_LENGTH_STEP = 16
 
   def encode(self, history: Array, *, deterministic: bool) -> Array:
     """Hidden states at every position.
@@ -150,9 +153,9 @@ class SASRec(base.Recommender):
 
     Rows are sorted by the length they need (from their first real item on; 0 for padding rows
     of the last batch) and taken GROUP_ROWS at a time; a group is encoded at the shortest of
-    NUM_LENGTHS lengths (multiples of L / NUM_LENGTHS) that covers its longest row
-    (`encode_suffix`, each row with its own rngs), and its CE skips the positions that do not
-    count. Losses at weight-0 positions are 0 here (the per-row path scores them). Pipelines
+    NUM_LENGTHS lengths (multiples of L / NUM_LENGTHS; fewer for short L) that covers its
+    longest row (`encode_suffix`, each row with its own rngs), and its CE skips the positions
+    that do not count. Losses at weight-0 positions are 0 here (the per-row path scores them). Pipelines
     whose lookups draw random numbers (`ItemEmbedding.random_lookup`: UniSRec) keep the per-row
     path, whose draws this path could not reproduce.
 
@@ -224,7 +227,8 @@ def _grouped_positional_ce(model: SASRec):
               jnp.concatenate([jnp.stack([keys[0]] * extra), keys[order]]) if extra else
               keys[order])
     grouped = [x.reshape((-1, rows_per_group) + x.shape[1:]) for x in arrays]
-    sizes = sorted({-(-length * k // model.NUM_LENGTHS) for k in range(1, model.NUM_LENGTHS + 1)})
+    count = max(1, min(model.NUM_LENGTHS, length // model.MIN_LENGTH_STEP))
+    sizes = sorted({-(-length * k // count) for k in range(1, count + 1)})
     longest = jnp.max(jnp.concatenate([jnp.zeros(extra, needed.dtype), needed[order]]).reshape(
         -1, rows_per_group), axis=1)
     index = jnp.searchsorted(jnp.asarray(sizes), longest)
