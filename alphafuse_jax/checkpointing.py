@@ -2,10 +2,12 @@
 
 Two orbax managers in the workdir: `checkpoints/` holds the latest train states (the newest
 `KEEP_LATEST`) with their `Progress` (resume), `best/` the params of the best validation epoch
-(model selection, test). Every checkpoint carries a sha256 of its arrays; a restore recomputes it,
-so a truncated or altered checkpoint is found. A damaged newest checkpoint is deleted with a
-warning and the run resumes from the one before it; when none can be restored the error names
-the workdir to remove.
+(model selection, test). With the Grain input, a latest checkpoint also holds the data iterator's
+state (item 'data', grain's orbax handler: one JSON per process), so the resumed run reads on
+from the same batch. Every checkpoint carries a sha256 of its arrays (and of the iterator state);
+a restore recomputes it, so a truncated or altered checkpoint is found. A damaged newest
+checkpoint is deleted with a warning and the run resumes from the one before it; when none can be
+restored the error names the workdir to remove.
 
 The workdir itself: a `WorkdirLock` keeps a second run out while one is alive, and `config.json`
 records the config a state was trained with (`check_config_record` refuses a rerun that changes
@@ -34,6 +36,8 @@ from alphafuse_jax.errors import WorkdirError
 # Latest states kept: the newest may be damaged (a disk fault, a half-copied workdir).
 KEEP_LATEST = 2
 _DIGEST = '_sha256'  # The key of the digest in the saved JSON.
+_DATA_DIGEST = '_data_sha256'  # The digest of the data iterator's state, when it is saved.
+_DATA = 'data'  # The item of the data iterator.
 
 
 @dataclasses.dataclass
@@ -76,6 +80,17 @@ def digest(tree: Any) -> str:
   return h.hexdigest()
 
 
+def _grain_checkpoint():
+  """grain's orbax handler args, imported only by runs that checkpoint a Grain iterator."""
+  import grain  # pylint: disable=g-import-not-at-top
+  return grain.checkpoint
+
+
+def data_digest(iterator: Any) -> str:
+  """sha256 of a Grain iterator's state (the same on every process: it is a global step)."""
+  return hashlib.sha256(json.dumps(iterator.get_state(), sort_keys=True).encode()).hexdigest()
+
+
 def _one_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ""}'
 
@@ -110,35 +125,56 @@ class Checkpoints:
     if step in manager.all_steps():
       manager.delete(step)
 
-  def save_latest(self, step: int, state: Any, progress: Progress) -> None:
+  def save_latest(self, step: int, state: Any, progress: Progress,
+                  data_iterator: Any = None) -> None:
+    """Saves (state, progress) and, when given, the Grain iterator (positioned after `step`)."""
     self._replace(self.latest, step)
     record = dict(dataclasses.asdict(progress), **{_DIGEST: digest(state)})
+    items = {}
+    if data_iterator is not None:
+      record[_DATA_DIGEST] = data_digest(data_iterator)
+      # A synchronous item: the state is written before save() returns, whatever comes next.
+      items[_DATA] = _grain_checkpoint().CheckpointSave(data_iterator)
     self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(record)), force=True)
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(record), **items),
+                     force=True)
 
-  def _restore_step(self, step: int, abstract: Any) -> tuple[Any, Progress]:
+  def _restore_step(self, step: int, abstract: Any, data_iterator: Any) -> tuple[Any, Progress]:
+    items = {}
+    if data_iterator is not None and os.path.isdir(
+        os.path.join(str(self.latest.directory), str(step), _DATA)):
+      items[_DATA] = _grain_checkpoint().CheckpointRestore(data_iterator)  # Sets its state.
     restored = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore(), **items))
     record = dict(restored.progress)
     expected = record.pop(_DIGEST, None)  # None: written before digests were kept.
     if expected is not None and digest(restored.state) != expected:
       raise CheckpointError(f'the arrays of step {step} do not match their sha256')
+    expected = record.pop(_DATA_DIGEST, None)  # None: saved without the Grain iterator.
+    if items and expected is not None and data_digest(data_iterator) != expected:
+      raise CheckpointError(f'the data iterator state of step {step} does not match its sha256')
     return restored.state, Progress(**record)
 
-  def restore_latest(self, template: Any) -> tuple[Any, Progress] | None:
+  def restore_latest(self, template: Any,
+                     data_iterator: Any = None) -> tuple[Any, Progress] | None:
     """The newest intact (state, progress), or None for a fresh workdir.
 
     A checkpoint that fails to restore or to verify is deleted with a warning and the next
     older one is tried; when none is intact, a `CheckpointError` names the workdir to remove.
+    `data_iterator` (a Grain iterator) takes the state saved with the restored checkpoint, or
+    keeps its initial state when that checkpoint has none (saved by the numpy input).
     """
     steps = sorted(self.latest.all_steps(), reverse=True)
     if not steps:
       return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    initial = None if data_iterator is None else data_iterator.get_state()
     failures = {}
     for step in steps:
       try:
-        restored = self._restore_step(step, abstract)
+        if initial is not None:
+          data_iterator.set_state(initial)  # Undo a failed attempt's restore.
+        restored = self._restore_step(step, abstract, data_iterator)
       except Exception as e:  # pylint: disable=broad-except
         # Any failure (truncated files, a missing item, other shapes) makes it unusable.
         failures[step] = _one_line(e)
@@ -221,7 +257,9 @@ class WorkdirLock:
 # Everything else (data, text, embedding, model, optimizer, seed, loss, diffusion) must match.
 MUTABLE_FIELDS = ('train.num_epochs', 'train.patience', 'train.checkpoint_every_steps',
                   'train.stop_after_steps', 'eval.', 'progress_bar', 'tensorboard',
-                  'parallelism', 'distributed.', 'data.data_dir', 'text.batch_size',
+                  'parallelism', 'distributed.', 'data.data_dir', 'data.input',
+                  'data.grain_cache_mb', 'text.batch_size', 'log_every_steps',
+                  'sync_every_step', 'profile_steps',
                   'allow_config_change', 'diffusion.sampling_stride', 'diffusion.guidance_weight',
                   'diffusion.sampler', 'diffusion.eval_seed')
 CONFIG_RECORD = 'config.json'

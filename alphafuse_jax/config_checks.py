@@ -17,6 +17,7 @@ from alphafuse_jax import builders
 from alphafuse_jax import errors
 from alphafuse_jax import metrics as metrics_lib
 from alphafuse_jax import parallel
+from alphafuse_jax import precision
 from alphafuse_jax.embeddings import registry
 
 OPTIMIZERS = ('adam_l2', 'adamw', 'sgd')
@@ -67,11 +68,32 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       ('eval.sampled_negatives', e.sampled_negatives),
                       ('eval.short_history', e.short_history)):
     _check(value >= 0, f'config.{name}={value} must be >= 0 (0 = off).')
+  _check(t.compute_dtype in precision.COMPUTE_DTYPES, f'config.train.compute_dtype='
+         f'{t.compute_dtype!r} is not one of {precision.COMPUTE_DTYPES}.')
+  _check(config.log_every_steps >= 1,
+         f'config.log_every_steps={config.log_every_steps} must be >= 1.')
+  # The loop queues up to log_every_steps steps between reads; XLA's CPU runtime with several
+  # devices deadlocks past ~32 queued collective steps (parallel.needs_step_sync).
+  _check(config.sync_every_step is not False or config.log_every_steps <= 16
+         or not parallel.needs_step_sync(device_count=num_devices),
+         f'config.sync_every_step=False on a CPU backend with {num_devices} devices would queue up '
+         f'to config.log_every_steps={config.log_every_steps} collective steps, and XLA\'s CPU '
+         'runtime deadlocks past ~32: set --config.log_every_steps=16 (or less), or leave '
+         'config.sync_every_step unset.')
+  profile = tuple(config.profile_steps)
+  _check(not profile or (len(profile) == 2 and all(isinstance(v, int) for v in profile)
+                         and profile[0] >= 1 and profile[1] >= 1),
+         f'config.profile_steps={profile} must be () (off) or (first step >= 1, count >= 1), '
+         'e.g. --config.profile_steps=10,5.')
   _check(t.learning_rate > 0 and math.isfinite(t.learning_rate),
          f'config.train.learning_rate={t.learning_rate} must be > 0.')
   _check(t.l2 >= 0, f'config.train.l2={t.l2} must be >= 0.')
   _check(t.loss != 'infonce' or t.temperature > 0,
          f'config.train.temperature={t.temperature} must be > 0 for the InfoNCE loss.')
+  _check(not t.in_batch_negatives or t.batch_size // num_devices >= 2,
+         f'config.train.in_batch_negatives needs >= 2 rows per device (the other rows are the '
+         f'negatives), got batch_size={t.batch_size} over {num_devices} devices: raise '
+         '--config.train.batch_size or set in_batch_negatives=False.')
   _check(0 <= config.model.dropout_rate < 1,
          f'config.model.dropout_rate={config.model.dropout_rate} must be in [0, 1).')
   _check(0 < e.head_fraction < 1, f'config.eval.head_fraction={e.head_fraction} must be in (0, 1).')

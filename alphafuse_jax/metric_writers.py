@@ -1,7 +1,8 @@
 """The run's metric log: `metrics.jsonl` (one JSON record per epoch) and TensorBoard event files.
 
 TensorBoard events go to `workdir/tensorboard` through tensorboardX, which needs no TensorFlow:
-`tensorboard --logdir workdir/tensorboard` shows the train loss and every validation metric.
+`tensorboard --logdir workdir/tensorboard` shows the epoch train loss, every validation metric
+and the loss of every step ('train/loss', written when the loop reads the losses).
 TensorBoard tags allow only [A-Za-z0-9_./-], so 'val/NDCG@20' is logged as 'val/NDCG_20'.
 """
 
@@ -50,6 +51,12 @@ class MetricWriter:
         if key != 'step' and isinstance(value, (int, float)):
           self._writer.add_scalar(tensorboard_tag(key), value, record['step'])
       self._writer.flush()
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    """TensorBoard only (e.g. the per-step 'train/loss'): flushed every 30 s, and by `write`."""
+    if self._writer is not None:
+      for key, value in scalars.items():
+        self._writer.add_scalar(tensorboard_tag(key), value, step)
 
   def close(self) -> None:
     if self._writer is not None:

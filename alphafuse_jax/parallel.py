@@ -41,6 +41,47 @@ def force_host_devices(count: int | None = None) -> None:
   os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={count}'.strip()
 
 
+def needs_step_sync(backend: str | None = None, device_count: int | None = None) -> bool:
+  """Whether the train loop must wait for every step (read its loss) before queuing the next.
+
+  XLA's CPU runtime deadlocks when more than about 32 steps with cross-device collectives are
+  queued at once (its per-device pacing semaphore waits while a peer waits in the all-reduce),
+  so on a CPU backend with several devices the loop reads each step's loss, which bounds the
+  queue to one step. One CPU device has no collectives to deadlock, and GPU/TPU runtimes are
+  built to queue steps: there the loop keeps the losses on the device and reads them every
+  `config.log_every_steps`. This is the one place that decides it (`config.sync_every_step`,
+  when set, overrides it).
+  """
+  backend = backend or jax.default_backend()
+  device_count = jax.device_count() if device_count is None else device_count
+  return backend == 'cpu' and device_count > 1
+
+
+def describe_devices() -> dict[str, Any]:
+  """What a measurement ran on: backend ('cpu', 'gpu', 'tpu'), device kind and device count."""
+  return {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
+          'device_count': jax.device_count()}
+
+
+MEMORY_KEYS = ('peak_bytes_in_use', 'bytes_in_use', 'largest_alloc_size', 'bytes_limit')
+
+
+def memory_stats(devices: Sequence[Any] | None = None) -> dict[str, int] | None:
+  """Device memory of this process's devices, or None where the backend reports none (CPU).
+
+  Each of MEMORY_KEYS that every device reports: the largest value over the devices (the
+  device closest to running out), except 'bytes_limit', the smallest.
+  """
+  stats = [d.memory_stats() for d in (jax.local_devices() if devices is None else devices)]
+  if not stats or any(s is None for s in stats):
+    return None
+  out = {}
+  for key in MEMORY_KEYS:
+    if all(key in s for s in stats):
+      out[key] = int((min if key == 'bytes_limit' else max)(s[key] for s in stats))
+  return out or None
+
+
 class DataParallel:
   """Maps per-device functions over all devices, replicates state and places batches."""
 

@@ -7,6 +7,11 @@ Reproducibility: every random draw comes from `fold_in(seed_key, step)` and then
 index of the example within its batch, so the same config and seed give the same numbers on 1 or 8
 devices and across a kill-and-resume; the data order is a function of (seed, epoch) and resumes
 mid-epoch at the checkpointed step.
+
+Accelerators: the loop queues steps without waiting for them; their losses stay on the device
+until `step_monitor.StepLosses` reads them every `config.log_every_steps` (and before a
+checkpoint), except where `parallel.needs_step_sync` (XLA CPU, several devices) needs each step
+read. `config.train.compute_dtype` runs the step's layers in bfloat16 (`precision`).
 """
 
 from __future__ import annotations
@@ -35,14 +40,16 @@ from alphafuse_jax import evaluation
 from alphafuse_jax import files
 from alphafuse_jax import metric_writers
 from alphafuse_jax import parallel
+from alphafuse_jax.data import grain_input
+from alphafuse_jax import precision
+from alphafuse_jax import step_monitor
 from alphafuse_jax.models import base
 
 OPTIMIZERS = config_checks.OPTIMIZERS
 validate_config = config_checks.validate_config
 
 
-class NonFiniteLossError(errors.AlphafuseError, FloatingPointError):
-  """The training loss became NaN or inf."""
+NonFiniteLossError = step_monitor.NonFiniteLossError
 
 
 class TrainState(train_state.TrainState):
@@ -96,12 +103,15 @@ def count_params(tree: Any) -> int:
 
 
 # ---- the per-device step --------------------------------------------------------------------
-def make_train_step(model: base.Recommender, base_key: jax.Array):
+def make_train_step(model: base.Recommender, base_key: jax.Array, *,
+                    compute_dtype: Any = jnp.float32):
   """The per-device train step: loss -> grads -> pmean over 'data' -> optax update.
 
   `batch` holds this device's rows: history [b, L], target [b], mask [b] (False on padding rows of
   the last batch) and index [b] (the row's position in the global batch, which seeds its dropout
   and sampling, so the result does not depend on how the batch is split over devices).
+  `compute_dtype` (config.train.compute_dtype) is the layers' dtype; parameters, gradients, the
+  optimiser and the returned float32 loss stay float32 (`precision`).
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -113,6 +123,7 @@ def make_train_step(model: base.Recommender, base_key: jax.Array):
     batch_key = jax.random.fold_in(table_key, jax.lax.axis_index(parallel.AXIS) + 1)
 
     def loss_fn(params):
+      params = precision.cast_floating(params, compute_dtype)  # float32 grads flow through it.
       variables = {'params': params}
       table = model.apply(variables, rngs=base.rng_streams(table_key), method='train_table')
       per_row, weights = model.batch_example_loss(
@@ -126,7 +137,8 @@ def make_train_step(model: base.Recommender, base_key: jax.Array):
                                 deterministic=False, rngs=base.rng_streams(batch_key),
                                 method='batch_loss')
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    with precision.compute_in(compute_dtype):  # Also while custom VJPs trace their backward.
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grads = jax.lax.pmean(grads, parallel.AXIS)
     loss = jax.lax.pmean(loss, parallel.AXIS)
     return state.apply_gradients(grads=grads), {'loss': loss}
@@ -152,21 +164,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   created = not os.path.exists(workdir)
   is_chief = jax.process_index() == 0
   lock = None
+  profile = step_monitor.StepProfile(workdir, config.profile_steps)  # Stopped on any exit.
   try:
     check_workdir(workdir)
     lock = checkpointing.WorkdirLock(workdir) if is_chief else None
     checkpointing.check_config_record(workdir, config)
     dp = parallel.DataParallel(config.parallelism)
-    dataset = data_lib.load(config.data)
+    # The Grain input reads the train split from disk: its arrays stay out of host memory.
+    dataset = data_lib.load(config.data, train_arrays=config.data.input != 'grain')
     model = build_model(config, dataset)
     if is_chief:
       checkpointing.write_config_record(workdir, config)
-    return _train(config, workdir, dp, dataset, model, wall_start)
+    return _train(config, workdir, dp, dataset, model, wall_start, profile)
   except BaseException:
     if created and is_chief and not checkpointing.has_checkpoint(workdir):
       shutil.rmtree(workdir, ignore_errors=True)  # Nothing worth keeping was written.
     raise
   finally:
+    profile.stop()
     if lock is not None:
       lock.release()
 
@@ -184,16 +199,20 @@ def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDat
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataParallel,
-           dataset: data_lib.PreparedDataset, model: base.Recommender,
-           wall_start: float) -> dict[str, Any] | None:
+           dataset: data_lib.PreparedDataset, model: base.Recommender, wall_start: float,
+           profile: step_monitor.StepProfile) -> dict[str, Any] | None:
   """The loop of `train_and_evaluate` on a locked, checked workdir."""
   patience = config.train.patience or math.inf  # 0 = no early stopping.
   seed_key = jax.random.key(config.train.seed)
   init_key, train_key = jax.random.split(seed_key)
   state = create_train_state(model, config, init_key)
   logging.info('parameters: %d trainable', count_params(state.params))
+  # Training batches (config.data.input); a Grain iterator takes the checkpoint's state.
+  train_input = grain_input.train_input(
+      config, dataset, num_devices=dp.num_local_devices, process_index=jax.process_index(),
+      process_count=jax.process_count(), place=dp.put_batch)
   ckpt = checkpointing.Checkpoints(workdir)
-  restored = ckpt.restore_latest(state)
+  restored = ckpt.restore_latest(state, data_iterator=train_input.iterator)
   progress = checkpointing.Progress()
   if restored is not None:
     state, progress = restored
@@ -211,65 +230,61 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
   if is_chief:
     writer.start(int(state.step) if restored is not None else None)
 
-  train_arrays = dict(dataset.splits['train'])
-  global_batch = config.train.batch_size
-  steps_per_epoch = data_lib.num_batches(len(train_arrays['target']), global_batch)
-  train_step = dp.map(make_train_step(model, train_key), ('replicated', 'sharded'),
-                      ('replicated', 'replicated'), donate_argnums=(0,))
+  steps_per_epoch = train_input.steps_per_epoch
+  compute_dtype = precision.compute_dtype(config.train.compute_dtype)
+  train_step = dp.map(make_train_step(model, train_key, compute_dtype=compute_dtype),
+                      ('replicated', 'sharded'), ('replicated', 'replicated'), donate_argnums=(0,))
+  # Losses stay on the device and are read every log_every_steps (and before every checkpoint);
+  # only where parallel.needs_step_sync says so (XLA CPU, several devices) is each step read.
+  sync = (parallel.needs_step_sync() if config.sync_every_step is None
+          else config.sync_every_step)
+  losses = step_monitor.StepLosses(progress, pmap=dp.mode == 'pmap')
+  first_step = None  # This process's first step compiles: read alone, left out of the speed.
   val_eval = evaluation.Evaluator(dp, model, config, dataset, 'val')
   every = config.train.checkpoint_every_steps
   stop_after = config.train.stop_after_steps  # Tests: simulate a kill mid-run.
-  local_rows = global_batch // jax.process_count()
-  row_offset = jax.process_index() * local_rows
 
   rstate = dp.replicate(state)
   epoch = progress.epochs_done
   while not progress.finished and epoch < config.train.num_epochs:
     step = int(state.step)
     start_step = step - epoch * steps_per_epoch
-    batches = data_lib.batches(
-        train_arrays, global_batch, seed=config.train.seed, epoch=epoch,
-        shuffle=config.train.shuffle, num_devices=dp.num_local_devices,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step)
+    # (device batch with its 'index', real rows over all processes) per step.
+    batches = train_input.epoch(epoch, start_step)
     bar = tqdm.tqdm(batches, total=steps_per_epoch, initial=start_step,
                     desc=f'epoch {epoch + 1}/{config.train.num_epochs}', leave=False,
                     mininterval=1.0, disable=not is_chief or not config.progress_bar)
-    # The epoch's running loss is checkpointed, so a resumed epoch logs the same mean.
-    epoch_loss, epoch_steps = progress.epoch_loss_sum, progress.epoch_steps
-    for batch in bar:
-      index = row_offset + np.arange(local_rows, dtype=np.int32)
-      batch['index'] = index.reshape(batch['mask'].shape)
+    for batch, rows in bar:
       t0 = time.perf_counter()
-      rstate, out = train_step(rstate, dp.put_batch(batch))
-      # Sync every step: reading the loss bounds the queue of collective steps (XLA CPU
-      # deadlocks past ~32 queued) and catches NaN at the step it happens.
-      loss = float(np.asarray(dp.unreplicate(out['loss']) if dp.mode == 'pmap' else out['loss']))
+      profile.before_step(step + 1)
+      rstate, out = train_step(rstate, batch)
       step += 1
-      if step > 1 or restored is not None:  # Exclude the first (compiling) step from speed.
-        progress.train_seconds += time.perf_counter() - t0
-        progress.train_sequences += int(batch['mask'].sum()) * jax.process_count()
-      if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f'training loss is {loss} at step {step} (epoch {epoch + 1}); lower '
-            f'config.train.learning_rate or check the embeddings for NaN/inf.')
-      epoch_loss += loss
-      epoch_steps += 1
-      progress.epoch_loss_sum, progress.epoch_steps = epoch_loss, epoch_steps
-      bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
-      if every and step % every == 0 and step % steps_per_epoch:
-        ckpt.save_latest(step, dp.unreplicate(rstate), progress)
-      if stop_after and step >= stop_after:
+      losses.add(out['loss'], rows, t0)  # No transfer: the step may still be running.
+      profile.after_step(step, rstate)
+      first_step = first_step or step
+      saving = every and step % every == 0 and step % steps_per_epoch
+      stopping = stop_after and step >= stop_after
+      if sync or saving or stopping or step == first_step or not step % config.log_every_steps:
+        # The epoch's loss sum is checkpointed, so a resumed epoch logs the same mean.
+        _show_losses(losses.read(step, epoch + 1, timed=step != first_step), step, bar,
+                     writer if is_chief else None)
+      if saving:
+        ckpt.save_latest(step, dp.unreplicate(rstate), progress, train_input.iterator)
+      if stopping:
         # Tests: stop here as a preempted job would after its last checkpoint.
-        ckpt.save_latest(step, dp.unreplicate(rstate), progress)
+        ckpt.save_latest(step, dp.unreplicate(rstate), progress, train_input.iterator)
         ckpt.close()
+        train_input.close()
         writer.close()
         logging.info('stopping after step %d (config.train.stop_after_steps)', step)
         return None
+    if len(losses):
+      _show_losses(losses.read(step, epoch + 1), step, bar, writer if is_chief else None)
     state = dp.unreplicate(rstate)
     epoch += 1
     progress.epochs_done = epoch
-    record = {'step': step, 'epoch': epoch, 'train_loss': epoch_loss / max(epoch_steps, 1)}
+    record = {'step': step, 'epoch': epoch,
+              'train_loss': progress.epoch_loss_sum / max(progress.epoch_steps, 1)}
     progress.epoch_loss_sum, progress.epoch_steps = 0.0, 0
     if epoch % config.eval.every_epochs == 0 or epoch >= config.train.num_epochs:
       val = val_eval.evaluate(rstate.params)
@@ -291,7 +306,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
       writer.write(record)
     if progress.evals_since_best >= patience or epoch >= config.train.num_epochs:
       progress.finished = True
-    ckpt.save_latest(step, state, progress)
+    ckpt.save_latest(step, state, progress, train_input.iterator)
+  train_input.close()
 
   # Test once, from the best checkpoint.
   best_params = dp.replicate(ckpt.restore_best(state.params))
@@ -314,6 +330,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
       'num_trainable_params': count_params(state.params),
       'devices': dp.num_devices,
       'parallelism': dp.mode,
+      # Where the figures above were measured, and how the steps ran.
+      'backend': jax.default_backend(),
+      'device_kind': jax.devices()[0].device_kind,
+      'compute_dtype': config.train.compute_dtype,
+      'sync_every_step': bool(sync),
+      # Device memory in bytes (the peak over the whole run, training and evaluation; largest
+      # over this process's devices); None where the backend reports none (CPU).
+      'device_memory': parallel.memory_stats(),
   }
   if sampled is not None:
     # Labelled as sampled everywhere: not comparable to the full-ranking numbers above.
@@ -329,6 +353,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
     from alphafuse_jax import inference_artifacts  # pylint: disable=g-import-not-at-top
     inference_artifacts.save(workdir, config, dataset)
   return results
+
+
+def _show_losses(values: list[float], step: int, bar: tqdm.tqdm,
+                 writer: metric_writers.MetricWriter | None) -> None:
+  """Losses just read (of steps step - len + 1 .. step) -> the progress bar and TensorBoard."""
+  if values:
+    bar.set_postfix(loss=f'{values[-1]:.4f}', refresh=False)
+  for offset, value in enumerate(values if writer is not None else ()):
+    writer.write_scalars(step - len(values) + 1 + offset, {'train/loss': value})
 
 
 def plot_learning_curve(metrics_path: str, out_path: str) -> None:

@@ -57,6 +57,16 @@ def get_data_config() -> config_dict.ConfigDict:
   data.min_interactions = 5
   # Prepared TFDS datasets and caches live here ('' = $ALPHAFUSE_DATA_DIR or ./data).
   data.data_dir = ''
+  # How the training loop reads its batches: 'grain' (a Grain pipeline over the prepared TFDS
+  # split, prefetched onto the devices, its iterator state saved with every checkpoint) or
+  # 'numpy' (the split's in-memory arrays, one batch at a time). Both give the same batches bit
+  # for bit (alphafuse_jax/data/grain_input.py) and a workdir may switch between them; 'grain' is
+  # the default because it trained as fast as 'numpy' here and overlaps input with the step.
+  data.input = 'grain'
+  # For input='grain': host memory (MiB) for decoded chunks of the TFDS split, least recently used
+  # dropped first (ML-1M's train split takes 42 MB); a split larger than this is read again from
+  # disk as its batches need it, so it need not fit in memory.
+  data.grain_cache_mb = 1024.0
   # For source='delimited': the interactions file, its separator and column names, and an
   # optional item-text file with its item column and the text columns joined by the template.
   data.delimited = config_dict.ConfigDict()
@@ -155,6 +165,18 @@ def get_config() -> config_dict.ConfigDict:
   # Also write TensorBoard event files (workdir/tensorboard) beside metrics.jsonl; on by default
   # because they cost little and metrics.jsonl stays the source of truth either way.
   config.tensorboard = True
+  # Read the per-step training losses (kept on the device until then) every this many steps:
+  # the progress bar, the TensorBoard 'train/loss' curve and the NaN check (which names the exact
+  # step) see them then. Checkpoints and epoch ends read them too.
+  config.log_every_steps = 100
+  # Wait for every train step (read its loss) before queuing the next: None = automatic, on
+  # exactly where XLA needs it (a CPU backend with several devices, which deadlocks past ~32
+  # queued collective steps; parallel.needs_step_sync), off on GPU/TPU; True/False force it
+  # (False there needs log_every_steps <= 16).
+  config.sync_every_step = config_dict.placeholder(bool)
+  # Write a jax.profiler trace (TensorBoard's profile plugin, or Perfetto) of global steps
+  # first..first+count-1 to workdir/profile, given as (first, count), e.g. (10, 5); () = off.
+  config.profile_steps = ()
   # Multi-host: jax.distributed.initialize(); empty values are auto-detected on TPU/SLURM.
   config.distributed = config_dict.ConfigDict()
   # Call jax.distributed.initialize() at start-up; off for the usual single-process run.
@@ -239,14 +261,27 @@ def get_config() -> config_dict.ConfigDict:
   # the authors' code (BENCHMARKS.md).
   config.train.seed = 22
   # 'ce' (full softmax over all N items), 'infonce' (the authors': cosine / temperature with
-  # num_negatives uniform negatives) or 'bce' (num_negatives negatives).
+  # num_negatives uniform negatives), 'bce' (num_negatives negatives) or 'sampled_softmax'
+  # (softmax over the target and num_negatives negatives shared by the step, logQ-corrected: a
+  # step whose cost does not grow with N; alphafuse_jax/sampled_softmax.py).
   config.train.loss = 'ce'
-  # Uniform negatives per example for 'infonce' / 'bce' (the authors' 64); unused by 'ce'.
+  # Negatives: per example for 'infonce' / 'bce' (uniform; the authors' 64), per step (shared by
+  # every row) for 'sampled_softmax'; unused by 'ce'.
   config.train.num_negatives = 64
+  # 'sampled_softmax' only: where its negatives come from: 'uniform' over the items, or
+  # 'popularity' ((train count + 1)^sampler_alpha; alias method, O(num_negatives) a step).
+  config.train.sampler = 'uniform'
+  # Exponent alpha of the 'popularity' sampler: 0 = uniform, 1 = the train frequency; 0.75 (as in
+  # word2vec's negative sampling) draws popular items often without drawing only them.
+  config.train.sampler_alpha = 0.75
+  # 'sampled_softmax' only: the other rows' targets in the device batch are negatives too
+  # (logQ-corrected by their train frequency; needs >= 2 rows per device).
+  config.train.in_batch_negatives = False
   # InfoNCE temperature on cosine scores (the authors' 0.07); unused by 'ce' and 'bce'.
   config.train.temperature = 0.07
   # How sampled negatives are scored: 'dense' (scores against all N items, then picked: fast up
   # to ~1e5 items) or 'gather' (embeds only the sampled items: for very large catalogues).
+  # 'sampled_softmax' always gathers.
   config.train.negative_scoring = 'dense'
   # Peak learning rate (constant; the authors' 1e-3).
   config.train.learning_rate = 1e-3
@@ -254,6 +289,10 @@ def get_config() -> config_dict.ConfigDict:
   config.train.l2 = 1e-6
   # 'adam_l2' (reference), 'adamw', or 'sgd' (+ coupled L2).
   config.train.optimizer = 'adam_l2'
+  # Dtype of the train step's layers: 'float32' or 'bfloat16' (mixed precision: parameters,
+  # optimiser state, gradients and the loss stay float32; alphafuse_jax/precision.py).
+  # Evaluation always runs in float32.
+  config.train.compute_dtype = 'float32'
   # Global batch size in examples, split across devices (must be a multiple of their number);
   # 256 as in the authors' command.
   config.train.batch_size = 256

@@ -13,13 +13,13 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'alphafuse_jax'
 LAYERS = (
     ('files', 'errors', 'basic_layers', 'decomposition', 'streaming_decomposition', 'diffusion',
-     'losses', 'chunked_ce', 'metrics', 'parallel'),
+     'losses', 'sampled_softmax', 'chunked_ce', 'metrics', 'parallel', 'precision'),
     ('data',),
     ('text',),
     ('embeddings',),
     ('models',),
     ('builders', 'config_checks'),
-    ('evaluation', 'checkpointing', 'metric_writers', 'inference_artifacts'),
+    ('evaluation', 'checkpointing', 'metric_writers', 'inference_artifacts', 'step_monitor'),
     ('train',),
     # Serving reads a finished workdir (never the training data); the entry points sit beside it.
     ('serving',),

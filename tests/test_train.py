@@ -107,6 +107,14 @@ def test_end_to_end_writes_results_and_resumes_finished_run(synthetic, tmp_path)
   assert results['test']['NDCG@20'] <= results['test']['HR@20']
   assert 1 <= results['best_epoch'] <= 3
   assert results['train_sequences_per_second'] > 0
+  # Where it ran and how: float32 by default; CPU reports no device memory statistics.
+  import jax  # pylint: disable=g-import-not-at-top
+  assert results['backend'] == jax.default_backend()
+  assert results['device_kind'] == jax.devices()[0].device_kind
+  assert results['compute_dtype'] == 'float32'
+  assert (results['device_memory'] is None) == (jax.default_backend() == 'cpu')
+  # Per-step reads only for a CPU backend with several devices (parallel.needs_step_sync).
+  assert results['sync_every_step'] == (jax.default_backend() == 'cpu' and jax.device_count() > 1)
   on_disk = json.loads((tmp_path / 'results.json').read_text())
   assert on_disk['test'] == results['test']
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()

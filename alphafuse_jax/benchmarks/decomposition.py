@@ -130,9 +130,10 @@ def streamed(n: int, d: int, dim: int, rank: int) -> None:
       print(f'check on the first {m:,} rows: max |eigenvalue diff| / lambda_max = '
             f'{np.max(np.abs(np.asarray(got.eigenvalues) - lam)) / lam[0]:.2e}, max |mean diff| '
             f'= {np.max(np.abs(np.asarray(got.mean) - np.asarray(want.mean))):.2e}')
-  devices = jax.local_devices()
+  where = parallel.describe_devices()
   print(f'\nN = {n:,}, d = {d:,}, k = {dim}, signal rank {rank}, {chunk_rows} rows a block, '
-        f'{len(devices)} x {devices[0].device_kind}; jax {jax.__version__}\n')
+        f'{where["device_count"]} x {where["device_kind"]} ({where["backend"]}); '
+        f'jax {jax.__version__}\n')
   print('| source | fit (s) | fit rows/s | of which generating (s) | project_to_file (s) | '
         'project rows/s | peak RSS (GB) |')
   print('|---|---|---|---|---|---|---|')
@@ -191,8 +192,9 @@ def main(argv):
     abs_rel = float(np.max(np.abs(values - reference)) / reference[0])
     rows.append(('jax fit_semantic_space + project', dtype, device, seconds, first,
                  float(rel.max()), float(rel[:dim].max()), abs_rel))
+  where = parallel.describe_devices()  # The JAX rows ran on one of these.
   print(f'\nN = {n:,}, d = {d:,}, k = {dim}, signal rank {rank}; jax {jax.__version__} on '
-        f'{jax.devices()[0].platform}\n')
+        f'{where["backend"]} ({where["device_count"]} x {where["device_kind"]})\n')
   print('| method | dtype | device | seconds | first call (s) | max rel eig diff (all) | '
         'max rel eig diff (top k) | max eig diff / lambda_max |')
   print('|---|---|---|---|---|---|---|---|')

@@ -104,7 +104,8 @@ def run_worker(part: str, dropout: bool, min_seconds: float) -> dict:
   from configs import leave_one_out  # pylint: disable=g-import-not-at-top
 
   out = {'part': part, 'tree': os.path.dirname(os.path.dirname(alphafuse_jax.__file__)),
-         'devices': jax.device_count(), 'platform': jax.devices()[0].platform}
+         'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
+         'device_kind': jax.devices()[0].device_kind}
   config = leave_one_out.get_config()
   if not dropout or part == 'step_no_dropout':
     config.model.dropout_rate = 0.0
@@ -250,7 +251,9 @@ def side_by_side(baseline: str, candidate: str, rounds: int, devices: int, dropo
              for a, b in zip(old['losses'], new['losses']))
   median = {t: statistics.median(s for run in v for s in run['step_s']) for t, v in runs.items()}
   best = {t: min(run['seconds'] for run in v) for t, v in runs.items()}
-  lines = [f'{rounds} rounds (A B A B ...), {devices} host device(s), dropout '
+  ran_on = runs[candidate][0]
+  lines = [f'backend {ran_on["platform"]} ({ran_on["device_kind"]}), '
+           f'{rounds} rounds (A B A B ...), {devices} host device(s), dropout '
            f'{"0.2" if dropout else "off"}, {LOSS_STEPS} steps each, float32 matmul rate '
            f'{statistics.median(rates) / 1e9:.1f} GFLOP/s (median of the rounds: '
            f'{", ".join(f"{x / 1e9:.1f}" for x in rates)})', '',

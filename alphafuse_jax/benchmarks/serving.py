@@ -29,6 +29,7 @@ import numpy as np
 
 from alphafuse_jax import builders
 from alphafuse_jax import inference_artifacts
+from alphafuse_jax import parallel
 from alphafuse_jax import serving
 from alphafuse_jax import train
 from alphafuse_jax.benchmarks import sweep
@@ -105,7 +106,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO.
   peak = sweep.matmul_rate(_MATMUL.value)
-  device = jax.devices()[0]
+  device = parallel.describe_devices()
   rows = []
   if _WORKDIR.value:
     rows.append(measure(serving.Recommender.from_workdir(_WORKDIR.value, chunk_size=_CHUNK.value),
@@ -114,8 +115,9 @@ def main(argv):
     rows.append(measure(synthetic_recommender(int(size), _CHUNK.value), 'random table'))
   # Measured again at the end: on a shared machine the rate moves with the other jobs.
   peak_end = sweep.matmul_rate(_MATMUL.value)
-  print(f'\nServing top-{_K.value} on {device.platform} ({device.device_kind}, '
-        f'{platform.processor() or platform.machine()}), one device; SASRec reference block, '
+  print(f'\nServing top-{_K.value} on {device["backend"]} ({device["device_kind"]}, '
+        f'{platform.processor() or platform.machine()}), one of {device["device_count"]} '
+        f'device(s); SASRec reference block, '
         f'L=10; chunk {_CHUNK.value} items; {_REQUESTS.value} single requests; batches of '
         f'{_BATCH.value}. float32 matmul rate ({_MATMUL.value}x{_MATMUL.value}): '
         f'{peak / 1e9:.1f} GFLOP/s before, {peak_end / 1e9:.1f} after; "% mm" uses the higher.\n')

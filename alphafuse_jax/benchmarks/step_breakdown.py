@@ -97,7 +97,8 @@ def main(argv):
   del argv
   if _PART.value:
     seconds = measure_part(_PART.value, flags.FLAGS.min_seconds)
-    print('PART_RESULT', json.dumps({'seconds': seconds}))
+    from alphafuse_jax import parallel  # pylint: disable=g-import-not-at-top
+    print('PART_RESULT', json.dumps({'seconds': seconds, **parallel.describe_devices()}))
     return
   env = dict(os.environ)
   flags_env = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
@@ -112,7 +113,8 @@ def main(argv):
     line = [l for l in proc.stdout.splitlines() if l.startswith('PART_RESULT ')]
     if proc.returncode or not line:
       raise RuntimeError(f'part {part} failed:\n{proc.stderr[-3000:]}')
-    seconds[part] = json.loads(line[0].removeprefix('PART_RESULT '))['seconds']
+    result = json.loads(line[0].removeprefix('PART_RESULT '))
+    seconds[part] = result['seconds']
     print(f'{part}: {seconds[part] * 1e3:.2f} ms', file=sys.stderr, flush=True)
   step = seconds['step']
   rows = [('whole train step (loop path)', step),
@@ -121,8 +123,10 @@ def main(argv):
           ('host: numpy batch + put_batch', seconds['host']),
           ('rest: forward + backward + pmean (by difference)',
            seconds['step_no_dropout'] - seconds['optimizer'] - seconds['host'])]
-  print(f'\nReference SASRec step, batch 256, {_DEVICES.value} host device(s): '
-        f'{POINT["batch"] / step:,.0f} sequences/s\n')
+  # Where the parts ran (the last part's process; all run alike): CPU figures are CPU-only.
+  print(f'\nReference SASRec step, batch 256, on {result["device_count"]} x '
+        f'{result["device_kind"]} ({result["backend"]}): {POINT["batch"] / step:,.0f} '
+        'sequences/s\n')
   print('| part | ms per step | share of the step |')
   print('|---|---|---|')
   for name, value in rows:

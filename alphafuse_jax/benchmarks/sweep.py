@@ -8,9 +8,10 @@ Smoke run (seconds):
 What is measured, for the reference SASRec (configs/default.py: h=128, 1 reference block,
 InfoNCE with 64 negatives, batch 256) and the standard one (block='standard', 2 blocks), built by
 `builders.build_model` as the loop builds them:
-  * train: sequences/s of `train.make_train_step` mapped by `parallel.DataParallel` exactly as
-    `train.train_and_evaluate` does (numpy batch -> put_batch -> step -> float(loss) every step),
-    compile seconds (lower + compile), peak memory, and achieved FLOP/s;
+  * train: sequences/s of `train.make_train_step` mapped by `parallel.DataParallel` as the loop
+    maps it (numpy batch -> put_batch -> step -> float(loss) every step: the loop's path on CPU
+    with several devices; on GPU/TPU it reads the loss every config.log_every_steps, so this is a
+    lower bound there), compile seconds, peak memory and achieved FLOP/s;
   * eval: examples/s of `evaluation.make_eval_step` mapped as `evaluation.Evaluator` maps it
     (ranking states, then `metrics.target_ranks_chunked` over all N items in chunks of
     min(--chunk_size, N), i.e. config.eval.item_chunk_size; batch 1024), compile s and FLOP/s.
@@ -29,8 +30,9 @@ times the device count); evaluation counts 2*B*N*h for the ranking analytically 
 body once) plus the forward's cost_analysis. The float32 matmul rate is measured in the same run
 (2048x2048 on one device, median of 10); every FLOP/s is also given as a fraction of it.
 
-Outputs: a Markdown table on stdout, `bench.json` and `bench.png` in --out_dir (BENCHMARKS.md
-shows the plot of the full sweep as docs/bench.png).
+Every point records the backend, device kind and device count it ran on. Outputs: a Markdown
+table on stdout, `bench.json` and `bench.png` in --out_dir (BENCHMARKS.md shows the plot of the
+full sweep as docs/bench.png).
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ def run_point(point: dict[str, Any], min_seconds: float, chunk_size: int) -> dic
   rng = np.random.default_rng(0)
   dp = parallel.DataParallel('shard_map')
   # The chunk the eval step ranks with (evaluation.make_eval_step: min(item_chunk_size, N)).
-  out = dict(point, platform=jax.devices()[0].platform, chunk_size=min(chunk_size, num_items))
+  out = dict(point, **parallel.describe_devices(), chunk_size=min(chunk_size, num_items))
   eval_batch = config.eval.batch_size
   history, target = _synthetic_history(rng, eval_batch, num_items, max_len)
   host = {'history': history, 'target': target, 'index': np.arange(eval_batch, dtype=np.int32)}
@@ -418,9 +420,10 @@ def main(argv):
   if _QUICK.value and not flags.FLAGS['min_seconds'].present:
     flags.FLAGS.min_seconds = 0.0
   size = 512 if _QUICK.value else 2048
-  peak = matmul_rate(size)
-  print(f'float32 matmul rate ({jax.devices()[0].platform}, one device): {peak / 1e9:.1f} GFLOP/s',
-        file=sys.stderr, flush=True)
+  peak, device = matmul_rate(size), parallel.describe_devices()
+  where = f'{device["backend"]}, {device["device_kind"]}'
+  print(f'float32 matmul rate ({where}, one device): {peak / 1e9:.1f} GFLOP/s', file=sys.stderr,
+        flush=True)
   results = []
   for i, point in enumerate(sweep_points(_QUICK.value)):
     t0 = time.perf_counter()
@@ -432,11 +435,11 @@ def main(argv):
           file=sys.stderr, flush=True)
   table = markdown_table(results, peak)
   memory_kind = next((r['peak_memory_kind'] for r in results if 'peak_memory_kind' in r), '-')
-  print(f'float32 matmul rate: {peak / 1e9:.1f} GFLOP/s ({size}x{size} on one device; '
+  print(f'float32 matmul rate: {peak / 1e9:.1f} GFLOP/s ({size}x{size} on one {where} device; '
         f'"% mm" columns are fractions of it). Train FLOPs: XLA cost_analysis; eval FLOPs: '
         f'2*B*N*h + forward cost_analysis. Peak memory: {memory_kind}.\n')
   print(table)
-  record = {'matmul_flop_per_s': peak, 'results': results, 'quick': _QUICK.value}
+  record = dict(matmul_flop_per_s=peak, matmul_device=device, results=results, quick=_QUICK.value)
   files.write_json(os.path.join(out_dir, 'bench.json'), record)
   plot(results, os.path.join(out_dir, 'bench.png'))
   if any('error' in r for r in results):

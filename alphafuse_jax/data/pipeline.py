@@ -7,6 +7,9 @@ unshuffled epochs keep the stored order, the authors' training order); process p
 [p * B/P, (p+1) * B/P) of each, reshaped to [num_devices, B / (num_devices * P)]. The last batch is
 padded with copies of a real row and `mask` marks the real rows, so every example is counted
 exactly once per epoch. `start_step` skips whole batches, for resuming inside an epoch.
+
+`check_layout`, `train_order` and `process_rows` are the one definition of which rows a process
+gets at each step: `batches` (numpy) and `grain_input` (Grain) both build on them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,48 @@ def canonical_order(arrays: Mapping[str, np.ndarray]) -> np.ndarray | None:
   return np.lexsort((arrays['position'], arrays['user_id']))
 
 
+def check_layout(n: int, batch_size: int, *, num_devices: int = 1, process_index: int = 0,
+                 process_count: int = 1) -> int:
+  """Checks the batch layout and returns the batches per epoch."""
+  shards = num_devices * process_count
+  if num_devices < 1 or process_count < 1 or batch_size % shards:
+    raise ValueError(f'batch_size={batch_size} must be divisible by num_devices * process_count '
+                     f'= {num_devices} * {process_count}.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must lie in 0..{process_count - 1}.')
+  return num_batches(n, batch_size)
+
+
+def train_order(keys: Mapping[str, np.ndarray], num_examples: int, *, seed: int, epoch: int,
+                shuffle: bool) -> np.ndarray:
+  """The epoch's example order; `keys` needs only 'user_id' and 'position' (when shuffled)."""
+  return epoch_order(num_examples, seed=seed, epoch=epoch, shuffle=shuffle,
+                     base=canonical_order(keys) if shuffle else None)
+
+
+def process_rows(order: np.ndarray, batch_size: int, step: int, *, process_index: int = 0,
+                 process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """This process's rows of global batch `step` of an epoch `order`, and their mask.
+
+  Returns:
+    (rows int [B / process_count], mask bool [same]); the last batch is padded with the epoch's
+    first row (a valid id, masked out).
+  """
+  rows = order[step * batch_size:(step + 1) * batch_size]
+  mask = np.zeros(batch_size, bool)
+  mask[:rows.size] = True
+  rows = np.concatenate([rows, np.full(batch_size - rows.size, order[0], rows.dtype)])
+  per_process = batch_size // process_count
+  local = slice(process_index * per_process, (process_index + 1) * per_process)
+  return rows[local], mask[local]
+
+
+def device_layout(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
+  """[rows, ...] -> [num_devices, rows / num_devices, ...] for every field."""
+  return {k: v.reshape((num_devices, v.shape[0] // num_devices) + v.shape[1:])
+          for k, v in batch.items()}
+
+
 def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epoch: int,
             shuffle: bool, num_devices: int = 1, process_index: int = 0,
             process_count: int = 1, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -64,29 +109,17 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
   if len(set(sizes.values())) != 1:
     raise ValueError(f'arrays must share their leading dimension, got {sizes}.')
   n = next(iter(sizes.values()))
-  shards = num_devices * process_count
-  if num_devices < 1 or process_count < 1 or batch_size % shards:
-    raise ValueError(f'batch_size={batch_size} must be divisible by num_devices * process_count '
-                     f'= {num_devices} * {process_count}.')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} must lie in 0..{process_count - 1}.')
-  steps = num_batches(n, batch_size)
+  steps = check_layout(n, batch_size, num_devices=num_devices, process_index=process_index,
+                       process_count=process_count)
   if not 0 <= start_step <= steps:
     raise ValueError(f'start_step={start_step} must lie in 0..{steps} (batches per epoch).')
-  order = epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle,
-                      base=canonical_order(arrays) if shuffle else None)
-  per_process = batch_size // process_count
+  order = train_order(arrays, n, seed=seed, epoch=epoch, shuffle=shuffle)
   for step in range(start_step, steps):
-    rows = order[step * batch_size:(step + 1) * batch_size]
-    mask = np.zeros(batch_size, bool)
-    mask[:rows.size] = True
-    # Pad with the epoch's first row: valid ids, masked out.
-    rows = np.concatenate([rows, np.full(batch_size - rows.size, order[0], rows.dtype)])
-    local = slice(process_index * per_process, (process_index + 1) * per_process)
-    batch = {k: np.asarray(v)[rows[local]] for k, v in arrays.items()}
-    batch['mask'] = mask[local]
-    yield {k: v.reshape((num_devices, per_process // num_devices) + v.shape[1:])
-           for k, v in batch.items()}
+    rows, mask = process_rows(order, batch_size, step, process_index=process_index,
+                              process_count=process_count)
+    batch = {k: np.asarray(v)[rows] for k, v in arrays.items()}
+    batch['mask'] = mask
+    yield device_layout(batch, num_devices)
 
 
 def seen_items(ds: protocols.PreparedDataset, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -17,12 +17,17 @@ chunk index. Everything is prepared into a temporary directory under <data_dir>
 partial cache; the directories of killed preparations (their pid is gone) are removed by the next
 `load`. A cache that fails to read back (a truncated or edited file) is deleted and prepared again.
 
+`load(config, train_arrays=False)` reads val, test and the metadata files but leaves the train
+split on disk (`LazySplit`: read whole only if something asks for its arrays), for a loop
+that reads training rows chunk by chunk (grain_input.TfdsSplitSource).
+
 The fingerprint is the sha256 of the source files' bytes (about 0.2 s for ML-1M's 45 MB), plus
 the protocol settings and FORMAT_VERSION; touching a file without changing it keeps the cache.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import hashlib
 import json
@@ -33,6 +38,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -272,31 +278,84 @@ def prepare(ds: protocols.PreparedDataset, data_dir: pathlib.Path, name: str) ->
   return final
 
 
-def read(directory: pathlib.Path) -> protocols.PreparedDataset:
-  """Reads a prepared directory back into numpy (chunks reassembled in order), checked."""
+def _read_split(data_source: Any, name: str, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+  """One split of a prepared directory in numpy (chunks reassembled in order), checked."""
+  records = data_source.__getitems__(list(range(len(data_source))))
+  records.sort(key=lambda r: int(r['chunk']))
+  if [int(r['chunk']) for r in records] != list(range(len(records))):
+    raise ValueError(f'split {name!r} lacks some of its chunks')
+  split = {k: np.concatenate([np.asarray(r[k], np.int32) for r in records])
+           for k in protocols.EXAMPLE_FIELDS}
+  split['history'] = split['history'].reshape(-1, meta['max_len'])
+  n = len(split['target'])
+  in_range = (split['target'] < meta['num_items']).all() and (
+      split['history'] <= meta['num_items']).all()
+  if any(len(v) != n for v in split.values()) or not in_range:
+    raise ValueError(f'split {name!r} has arrays of unequal lengths or item ids beyond N')
+  return split
+
+
+class LazySplit(collections.abc.Mapping):
+  """A prepared split left on disk: its arrays are read (all at once, with a warning) on first use.
+
+  `read(..., train_arrays=False)` puts one in `PreparedDataset.splits['train']`, so a loop that
+  reads its training rows from `directory` (grain_input.TfdsSplitSource) never holds the split
+  in memory, while code that needs the arrays (LLM-ESR's similar users) still gets them.
+  Iterating over the field names or testing membership reads nothing; `loads` counts reads.
+  """
+
+  def __init__(self, directory: pathlib.Path, split: str, meta: dict[str, Any]):
+    self.directory, self.split, self._meta = pathlib.Path(directory), split, meta
+    self._arrays, self.loads = None, 0
+    self._lock = threading.Lock()
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The split's arrays, as `read(..., train_arrays=True)` gives them (read once, then kept)."""
+    with self._lock:
+      if self._arrays is None:
+        logging.warning('Reading the whole %s split of %s into host memory.', self.split,
+                        self.directory)
+        source = tfds.builder_from_directory(str(self.directory)).as_data_source(self.split)
+        try:
+          self._arrays = _read_split(source, self.split, self._meta)
+        except ValueError as e:
+          raise sources.DataError(f'{self.directory}: {e}; delete that directory to prepare '
+                                  'the data again.') from e
+        self.loads += 1
+      return self._arrays
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    if key not in protocols.EXAMPLE_FIELDS:
+      raise KeyError(key)
+    return self.arrays()[key]
+
+  def __contains__(self, key: object) -> bool:
+    return key in protocols.EXAMPLE_FIELDS
+
+  def __iter__(self):
+    return iter(protocols.EXAMPLE_FIELDS)
+
+  def __len__(self) -> int:
+    return len(protocols.EXAMPLE_FIELDS)
+
+  def __repr__(self) -> str:
+    return f'LazySplit({self.directory}, {self.split!r}, loaded={self._arrays is not None})'
+
+
+def read(directory: pathlib.Path, train_arrays: bool = True) -> protocols.PreparedDataset:
+  """Reads a prepared directory back into numpy, checked.
+
+  With `train_arrays=False` the train split stays on disk: `splits['train']` is a `LazySplit`.
+  """
   builder = tfds.builder_from_directory(str(directory))
   data_sources = builder.as_data_source()
-  splits = {}
-  for name in protocols.SPLITS:
-    source = data_sources[name]
-    records = source.__getitems__(list(range(len(source))))
-    records.sort(key=lambda r: int(r['chunk']))
-    if [int(r['chunk']) for r in records] != list(range(len(records))):
-      raise ValueError(f'split {name!r} lacks some of its chunks')
-    splits[name] = {k: np.concatenate([np.asarray(r[k], np.int32) for r in records])
-                    for k in protocols.EXAMPLE_FIELDS}
   meta = json.loads((directory / META_JSON).read_text())
+  splits = {name: _read_split(data_sources[name], name, meta) if train_arrays or name != 'train'
+            else LazySplit(directory, name, meta) for name in protocols.SPLITS}
   with np.load(directory / META_ARRAYS) as arrays:
     counts, indptr, items = (arrays['train_item_counts'], arrays['user_seq_indptr'],
                              arrays['user_seq_items'])
     new_items = arrays['new_items'] if 'new_items' in arrays.files else None
-  for name, split in splits.items():
-    split['history'] = split['history'].reshape(-1, meta['max_len'])
-    n = len(split['target'])
-    in_range = (split['target'] < meta['num_items']).all() and (
-        split['history'] <= meta['num_items']).all()
-    if any(len(v) != n for v in split.values()) or not in_range:
-      raise ValueError(f'split {name!r} has arrays of unequal lengths or item ids beyond N')
   return protocols.PreparedDataset(
       num_items=meta['num_items'], max_len=meta['max_len'], item_keys=meta['item_keys'],
       item_fields=meta['item_fields'], user_keys=meta['user_keys'], train_item_counts=counts,
@@ -304,8 +363,11 @@ def read(directory: pathlib.Path) -> protocols.PreparedDataset:
       new_items=new_items)
 
 
-def load(config: Any) -> protocols.PreparedDataset:
+def load(config: Any, train_arrays: bool = True) -> protocols.PreparedDataset:
   """Prepares the config's dataset into the cache if needed, then reads it.
+
+  Every source goes through the cache. `train_arrays=False` leaves the train split on disk (a
+  `LazySplit`, see `read`): for a loop that reads its batches from the prepared split.
 
   A cache that cannot be read back (truncated, edited, half deleted) is deleted and prepared again
   with a warning; one that fails again right after preparation is a DataError naming it.
@@ -321,7 +383,7 @@ def load(config: Any) -> protocols.PreparedDataset:
   if final.exists():
     try:
       logging.info('Reading cached %s', final)
-      return read(final)
+      return read(final, train_arrays)
     except Exception as e:  # pylint: disable=broad-except
       # Any failure to read back means a damaged cache: it is a pure function of the sources.
       logging.warning('The prepared data in %s cannot be read (%s: %s); preparing it again.',
@@ -334,7 +396,7 @@ def load(config: Any) -> protocols.PreparedDataset:
   data_dir.mkdir(parents=True, exist_ok=True)
   prepare(build(config), data_dir, name)
   try:
-    return read(final)
+    return read(final, train_arrays)
   except Exception as e:  # pylint: disable=broad-except
     raise sources.DataError(f'{final}: the data just prepared cannot be read back ({e}); delete '
                             'that directory and check the disk (space, permissions).') from e

@@ -232,7 +232,9 @@ def _grouped_positional_ce(model: SASRec):
     longest = jnp.max(jnp.concatenate([jnp.zeros(extra, needed.dtype), needed[order]]).reshape(
         -1, rows_per_group), axis=1)
     index = jnp.searchsorted(jnp.asarray(sizes), longest)
-    zeros = jax.tree.map(jnp.zeros_like, (params, table))
+    # Summed over the groups in at least float32 (bfloat16 params: config.train.compute_dtype).
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+                         (params, table))
     grads, per_position = jax.lax.scan(group_step(sizes, params, table), zeros,
                                        (index, *grouped))
     per_position = per_position.reshape(-1, length)[extra:][jnp.argsort(order)]
@@ -258,8 +260,10 @@ def _grouped_positional_ce(model: SASRec):
           model, p, history, target, mask, keys, e)[0] * (weights != 0)
       return jax.vjp(per_row, params, table)[1](cotangent)
 
-    d_params, d_table = jax.lax.cond(jnp.all(cotangent == scale * weights),
-                                     lambda: jax.tree.map(lambda g: scale * g, grads), exact)
+    def scaled():  # The forward pass's gradient, scaled; in the params' dtype (maybe bfloat16).
+      return jax.tree.map(lambda g, x: (scale * g).astype(x.dtype), grads, inputs[:2])
+
+    d_params, d_table = jax.lax.cond(jnp.all(cotangent == scale * weights), scaled, exact)
     return d_params, d_table, None, None, None, None
 
   grouped.defvjp(grouped_fwd, grouped_bwd)
