@@ -7,13 +7,16 @@ LLM-ESR's self-distillation, whose similar-user retrieval reads the train split 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from alphafuse_jax import data as data_lib
 from alphafuse_jax import losses
+from alphafuse_jax import sampled_softmax
 from alphafuse_jax.embeddings import registry
 from alphafuse_jax.models import dreamrec as dreamrec_lib
 from alphafuse_jax.models import llmesr as llmesr_lib
@@ -54,12 +57,83 @@ def load_language_embeddings(config: ml_collections.ConfigDict,
   return vectors
 
 
-def objective(config: ml_collections.ConfigDict) -> losses.Objective:
-  """The training loss of the user states, from config.train and the protocol."""
+def old_items(dataset) -> np.ndarray | None:
+  """bool [N]: the items training may know (cold_start_items: all but the new ones), or None.
+
+  The decomposition is fitted on these items' vectors only: a new item's text is unknown at
+  training time. `dataset` is a `PreparedDataset` or anything with its metadata (serving's
+  artifacts); without `new_items` every item is old (None).
+  """
+  new_items = getattr(dataset, 'new_items', None)
+  return None if new_items is None else ~np.asarray(new_items, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExcludingObjective(losses.Objective):
+  """`losses.Objective` that never scores `excluded_items` in training (cold_start_items).
+
+  A model cannot know of an item that does not exist yet, so the new items are out of the full
+  softmax (logit -inf: no gradient reaches their ID rows, nor a text adapter through their
+  texts) and are never drawn as sampled negatives (uniform over the other allowed items). Train
+  targets are never excluded (the protocol's are old items). A tuple keeps it hashable.
+  """
+  excluded_items: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.per_position:
+      raise ValueError('excluded items (cold_start_items) need last-position training, not '
+                       "leave_one_out's per-position loss.")
+
+  def per_example(self, states, targets, item_embeddings, *, key, num_items: int):
+    allowed = np.setdiff1d(np.arange(num_items), np.asarray(self.excluded_items, np.int64))
+    if self.kind != 'ce':
+      # Uniform over the allowed items but the target: sample among their indices, then map.
+      at = jnp.searchsorted(jnp.asarray(allowed), targets)
+      negatives = jnp.asarray(allowed, jnp.int32)[
+          losses.sample_negatives(key, at, allowed.size, self.num_negatives)]
+    if callable(item_embeddings):  # negative_scoring='gather': only the sampled rows.
+      positive, negative = item_embeddings(targets), item_embeddings(negatives)
+      if self.kind == 'bce':
+        return losses.bce_per_example(states, positive, negative)
+      return losses.infonce_per_example(states, positive, negative, self.temperature)
+    table = item_embeddings[:num_items]
+    if self.kind != 'ce':
+      return losses.sampled_loss_dense(self.kind, states, targets, negatives, table,
+                                       self.temperature)
+    keep = np.zeros(num_items, bool)
+    keep[allowed] = True
+    logits = jnp.where(keep, jnp.matmul(states, table.T), -jnp.inf)
+    return losses.softmax_cross_entropy(logits, targets)
+
+
+def objective(config: ml_collections.ConfigDict, dataset=None) -> losses.Objective:
+  """The training loss of the user states, from config.train and the protocol.
+
+  With a `dataset` that has new items (cold_start_items) they are excluded from training's
+  softmax and negatives (`ExcludingObjective`). 'sampled_softmax' builds its sampler's tables
+  from the dataset's train item counts (without a dataset: the fields are checked only).
+  """
   t = config.train
-  return losses.Objective(kind=t.loss, num_negatives=t.num_negatives, temperature=t.temperature,
-                          negative_scoring=t.negative_scoring,
-                          per_position=config.data.protocol == 'leave_one_out')
+  if t.loss == sampled_softmax.KIND:
+    # Its sampler and in-batch tables need the item counts; new items are never drawn.
+    return sampled_softmax.make_objective(
+        num_negatives=t.num_negatives, per_position=config.data.protocol == 'leave_one_out',
+        sampler=t.sampler, sampler_alpha=t.sampler_alpha,
+        in_batch_negatives=t.in_batch_negatives, num_items=getattr(dataset, 'num_items', None),
+        counts=getattr(dataset, 'train_item_counts', None), allowed=old_items(dataset))
+  if t.sampler != 'uniform' or t.in_batch_negatives:
+    raise ValueError(f"config.train.sampler={t.sampler!r} and in_batch_negatives="
+                     f"{t.in_batch_negatives} apply to loss='sampled_softmax' only, not "
+                     f"{t.loss!r}: set --config.train.loss=sampled_softmax or leave them at "
+                     "'uniform' and False.")
+  kwargs = dict(kind=t.loss, num_negatives=t.num_negatives, temperature=t.temperature,
+                negative_scoring=t.negative_scoring,
+                per_position=config.data.protocol == 'leave_one_out')
+  old = old_items(dataset)
+  if old is None:
+    return losses.Objective(**kwargs)
+  return ExcludingObjective(**kwargs, excluded_items=tuple(int(i) for i in np.flatnonzero(~old)))
 
 
 def _dreamrec(config, item_embedding, max_len: int) -> dreamrec_lib.DreamRec:
@@ -95,7 +169,7 @@ def _llmesr(config, item_embedding, dataset, language_embeddings,
       bug_compatible=bool(e.llmesr_bug_compatible), item_reg_weight=float(e.aux_weight),
       # Distillation only shapes training: a model built for inference leaves it off.
       distill_weight=alpha if for_training else 0.0, distill_loss=e.llmesr_distill_loss,
-      similar_users=similar, objective=objective(config))
+      similar_users=similar, objective=objective(config, dataset))
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDataset,
@@ -114,7 +188,7 @@ def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDat
                      f'{BACKBONES}.')
   item_embedding = registry.make_item_embedding(
       config.embedding, num_items=dataset.num_items, language_embeddings=language_embeddings,
-      item_counts=dataset.train_item_counts)
+      item_counts=dataset.train_item_counts, fit_items=old_items(dataset))
   if config.model.backbone == 'dreamrec':
     return _dreamrec(config, item_embedding, dataset.max_len)
   if config.embedding.pipeline == 'llmesr':
@@ -124,4 +198,4 @@ def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDat
   return sasrec_lib.SASRec(
       item_embedding=item_embedding, max_len=dataset.max_len, block=m.block,
       num_blocks=m.num_blocks, num_heads=m.num_heads, dropout_rate=m.dropout_rate,
-      pre_ln=m.pre_ln, objective=objective(config))
+      pre_ln=m.pre_ln, objective=objective(config, dataset))

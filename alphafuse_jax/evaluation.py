@@ -8,6 +8,14 @@ default the exact expectation under random tie-breaking, so ties never reward a 
 example is counted once (padding rows of the last batch are masked). `group_masks` is the one
 definition of the report's groups (head/tail target items, short/long users); results.json and
 the experiment suites both use it.
+
+New items (`cold_start_items`: `PreparedDataset.new_items`): every val/test target is a new item.
+The step also counts the target's rank among the new items only (the same chunked count over the
+new items' rows, `protocols.new_item_rank_counts` in a scan); results.json reports it as the
+'new_items' group of `test_groups` (and val's 'new_items/<metric>'). The new items' ID rows are
+what a model that never saw them has (`new_item_params`): zero for text-map pipelines (as serving
+places a new item: its text row, no ID), the initial rows for free-row pipelines (LLMInit: its
+text-derived initialisation; SASRec-ID: untrained random rows, so it ranks new items at random).
 """
 
 from __future__ import annotations
@@ -24,9 +32,13 @@ from alphafuse_jax import data as data_lib
 from alphafuse_jax import files
 from alphafuse_jax import metrics as metrics_lib
 from alphafuse_jax import parallel
+from alphafuse_jax.embeddings import registry
+from alphafuse_jax.models import base
 
 # The groups of every report, in table order ('overall' is every example).
 GROUPS = ('overall', 'tail_items', 'head_items', 'short_users', 'long_users')
+# cold_start_items: the test_groups key (and val's key prefix) of the rank among new items only.
+NEW_ITEMS = 'new_items'
 
 
 def group_masks(train_item_counts: np.ndarray, targets: np.ndarray, positions: np.ndarray, *,
@@ -58,18 +70,31 @@ def group_metrics(ranks: np.ndarray, masks: Mapping[str, np.ndarray], ks: Sequen
           for name, m in masks.items() if m.any()}
 
 
+def rank_columns(sampled: bool, new_items: bool) -> tuple[str, ...]:
+  """The names of the eval step's output columns, in order (see `make_eval_step`)."""
+  return (('rank', 'ties') + (('sampled_rank', 'sampled_ties') if sampled else ())
+          + (('new_rank', 'new_ties') if new_items else ()))
+
+
 def make_eval_step(model, *, chunk_size: int, sampled_negatives: int = 0,
-                   sampled_key: jax.Array | None = None):
+                   sampled_key: jax.Array | None = None, new_items: np.ndarray | None = None):
   """Per-device eval step: ranking states -> the target's rank among all N items.
 
   `batch` holds history [b, L], target [b], index [b] (the row's index in the split, which seeds
   any sampling noise of the model, e.g. DreamRec's) and optionally seen [b, S] (excluded items).
-  The step returns int32 [b, 2]: the full-ranking rank (1 + items strictly above the target) and
-  the items tied with it. With `sampled_negatives` K > 0 it returns [b, 4], adding the rank and
-  ties among the target and K negatives drawn from `fold_in(sampled_key, row index)` (the same
-  negatives at every evaluation), excluding the history (and seen items when excluded); that
-  opt-in path scores the whole catalogue at once.
+  The step returns int32 [b, C], the columns of `rank_columns`: the full-ranking rank (1 + items
+  strictly above the target) and the items tied with it. With `sampled_negatives` K > 0 it adds
+  the rank and ties among the target and K negatives drawn from `fold_in(sampled_key, row index)`
+  (the same negatives at every evaluation), excluding the history (and seen items when excluded);
+  that opt-in path scores the whole catalogue at once. With `new_items` (bool [N]; every target
+  must be one) it adds the rank and ties among the new items only: the same chunked count over
+  the new items' rows of the table (M of them, so O(b x chunk) memory again).
   """
+  if new_items is not None:
+    new_ids = np.flatnonzero(new_items).astype(np.int32)  # [M]
+    # Item id (or pad id N) -> its index among the new items; M (ignored) for the others.
+    new_index = np.full(new_items.shape[0] + 1, new_ids.size, np.int32)
+    new_index[new_ids] = np.arange(new_ids.size, dtype=np.int32)
 
   def eval_step(params, table, batch):
     states = model.apply({'params': params}, batch['history'], batch['index'],
@@ -77,18 +102,56 @@ def make_eval_step(model, *, chunk_size: int, sampled_negatives: int = 0,
     exclude = batch.get('seen')
     above, ties = metrics_lib.target_rank_counts_chunked(
         states, table, batch['target'], exclude, chunk_size=min(chunk_size, table.shape[0]))
-    ranks = jnp.stack([above + 1, ties], axis=1)
-    if not sampled_negatives:
-      return ranks
-    history = batch['history'] if exclude is None else jnp.concatenate(
-        [batch['history'], exclude], axis=1)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(sampled_key, batch['index'])
-    sampled, sampled_ties = metrics_lib.sampled_target_ranks(
-        states @ table.T, batch['target'], keys, sampled_negatives, exclude=history,
-        with_ties=True)
-    return jnp.concatenate([ranks, jnp.stack([sampled, sampled_ties], axis=1)], axis=1)
+    columns = [above + 1, ties]
+    if sampled_negatives:
+      history = batch['history'] if exclude is None else jnp.concatenate(
+          [batch['history'], exclude], axis=1)
+      keys = jax.vmap(jax.random.fold_in, (None, 0))(sampled_key, batch['index'])
+      columns += metrics_lib.sampled_target_ranks(
+          states @ table.T, batch['target'], keys, sampled_negatives, exclude=history,
+          with_ties=True)
+    if new_items is not None:
+      index = jnp.asarray(new_index)
+      # Exclusions (pad-filled with N) map to new-item indices; old items map to M (ignored).
+      new_exclude = None if exclude is None else jnp.where(
+          (exclude >= 0) & (exclude < table.shape[0]),
+          index[jnp.clip(exclude, 0, table.shape[0])], new_ids.size)
+      new_above, new_ties = metrics_lib.target_rank_counts_chunked(
+          states, jnp.take(table, jnp.asarray(new_ids), axis=0), index[batch['target']],
+          new_exclude, chunk_size=min(chunk_size, new_ids.size))
+      columns += [new_above + 1, new_ties]
+    return jnp.stack(columns, axis=1).astype(jnp.int32)
 
   return eval_step
+
+
+def new_item_params(params: Any, new_items: np.ndarray, initial: Any | None = None) -> Any:
+  """`params` with the new items' rows of every `id_table` [N + 1, ...] replaced.
+
+  A new item was never a target nor in a history, so its ID rows hold no knowledge; what they
+  hold after training is only the optimiser's weight decay. They become `initial`'s rows (the
+  same tree at initialisation) or, with `initial` None, zeros (as `serving.extend_model` places a
+  new item: its text row and a zero ID row). Other leaves are returned as they are.
+  """
+  keep = jnp.asarray(~np.append(np.asarray(new_items, bool), False))  # The pad row is kept.
+  rows = keep.shape[0]
+
+  def reset(path, leaf, *start):
+    if getattr(path[-1], 'key', None) != 'id_table' or leaf.shape[0] != rows:
+      return leaf
+    fill = start[0] if start else jnp.zeros_like(leaf)
+    return jnp.where(keep.reshape((rows,) + (1,) * (leaf.ndim - 1)), leaf, fill)
+
+  trees = (params,) if initial is None else (params, initial)
+  return jax.tree_util.tree_map_with_path(reset, *trees)
+
+
+def initial_params(model, config: ml_collections.ConfigDict) -> Any:
+  """The params `train.init_params` starts the run of `config.train.seed` from (same key split)."""
+  init_key, _ = jax.random.split(jax.random.key(config.train.seed))
+  history = jnp.full((1, model.max_len), model.item_embedding.num_items, jnp.int32)
+  return model.init(base.rng_streams(init_key) | {'params': init_key}, history,
+                    method='init_all')['params']
 
 
 def _eval_arrays(dataset: data_lib.PreparedDataset, split: str, exclude_seen: bool
@@ -121,12 +184,24 @@ class Evaluator:
     self.short_history = config.eval.short_history
     # Sampled metrics (opt-in): their negatives come from a fixed key of their own.
     self.sampled_negatives = int(config.eval.sampled_negatives)
+    # cold_start_items: the new items (every target is one), ranked among themselves too.
+    self.new_items = None if dataset.new_items is None else np.asarray(dataset.new_items, bool)
+    self._initial = None  # The new items' ID rows at init, for free-row pipelines.
+    if self.new_items is not None:
+      targets = np.asarray(self.arrays['target'])
+      if not self.new_items[targets].all():
+        raise ValueError(f'the {split} split of a dataset with new items has old-item targets; '
+                         'only cold_start_items val/test splits (all targets new) rank new items.')
+      if not registry.get_pipeline(config.embedding.pipeline).text_map:
+        self._initial = initial_params(model, config)
+    self.columns = rank_columns(bool(self.sampled_negatives), self.new_items is not None)
     self._step = dp.map(
         make_eval_step(model, chunk_size=config.eval.item_chunk_size,
                        sampled_negatives=self.sampled_negatives,
-                       sampled_key=jax.random.key(config.eval.sampled_seed)),
+                       sampled_key=jax.random.key(config.eval.sampled_seed),
+                       new_items=self.new_items),
         ('replicated', 'replicated', 'sharded'), 'sharded')
-    # The last pass: [n, 2] full-ranking (rank, ties), or [n, 4] with the sampled ones.
+    # The last pass: [n, len(columns)], the columns of `rank_columns`.
     self.last_ranks: np.ndarray | None = None
     self._table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
                                                 method='item_table'))
@@ -136,12 +211,16 @@ class Evaluator:
     self._passes = 0
 
   def ranks(self, params) -> np.ndarray:
-    """Every example's (rank, ties), in split order: int [n, 2] ([n, 4] with sampled ones).
+    """Every example's ranks, in split order: int [n, len(self.columns)] (`rank_columns`).
 
     rank = 1 + the items scoring strictly above the target; ties = the items tied with it.
     """
     start = time.perf_counter()
     host_params = params if self.dp.mode == 'shard_map' else self.dp.unreplicate(params)
+    if self.new_items is not None:
+      # The new items' ID rows as a model that never saw them (module docstring).
+      host_params = new_item_params(host_params, self.new_items, self._initial)
+      params = host_params if self.dp.mode == 'shard_map' else self.dp.replicate(host_params)
     table = self._table(host_params)
     table = self.dp.replicate(table) if self.dp.mode == 'pmap' else table
     out, masks = [], []
@@ -159,7 +238,7 @@ class Evaluator:
       masks.append(mask.reshape(-1))
     # [num_batches, local_rows] on every process (padding rows included), so the gather below
     # sees equal shapes; process_allgather requires them.
-    width = (4,) if self.sampled_negatives else (2,)
+    width = (len(self.columns),)
     ranks = np.stack(out) if out else np.zeros((0, local_rows) + width, np.int32)
     valid = np.stack(masks) if masks else np.zeros((0, local_rows), bool)
     ranks = ranks.reshape(valid.shape + width)
@@ -185,17 +264,32 @@ class Evaluator:
     return group_masks(self.dataset.train_item_counts, arrays['target'], arrays['position'],
                        head_fraction=self.head_fraction, short_history=self.short_history)
 
+  def _summary(self, ranks: np.ndarray, name: str) -> dict[str, float]:
+    """`summarize_ranks` of the columns '<name>rank' and '<name>ties' of every example."""
+    rank, ties = self.columns.index(f'{name}rank'), self.columns.index(f'{name}ties')
+    return metrics_lib.summarize_ranks(ranks[:, rank], ks=self.ks, ties=ranks[:, ties],
+                                       rule=self.ties)
+
   def evaluate(self, params, groups: bool = False) -> dict[str, Any]:
-    """Full-ranking metrics; with `groups`, {group: metrics} for `GROUPS` ('sampled' when on)."""
+    """Full-ranking metrics; with `groups`, {group: metrics} for `GROUPS` ('sampled' when on).
+
+    With new items, the rank among them: {'new_items/<metric>': value} beside the metrics, and
+    with `groups` the group NEW_ITEMS (every example, ranked among the new items only).
+    """
     ranks = self.ranks(params)
     if not groups:
-      return metrics_lib.summarize_ranks(ranks[:, 0], ks=self.ks, ties=ranks[:, 1],
-                                         rule=self.ties)
+      result = self._summary(ranks, '')
+      if self.new_items is not None:
+        result.update({f'{NEW_ITEMS}/{k}': v for k, v in self._summary(ranks, 'new_').items()})
+      return result
     masks = self.group_masks()
     result = group_metrics(ranks[:, 0], masks, self.ks, ties=ranks[:, 1], rule=self.ties)
     if self.sampled_negatives:
-      result['sampled'] = group_metrics(ranks[:, 2], masks, self.ks, ties=ranks[:, 3],
-                                        rule=self.ties)
+      sampled = self.columns.index('sampled_rank')
+      result['sampled'] = group_metrics(ranks[:, sampled], masks, self.ks,
+                                        ties=ranks[:, sampled + 1], rule=self.ties)
+    if self.new_items is not None:
+      result[NEW_ITEMS] = self._summary(ranks, 'new_')
     return result
 
   def save_ranks(self, path: str) -> None:
@@ -208,7 +302,6 @@ class Evaluator:
     out = {'target': np.asarray(arrays['target'], np.int32),
            'user_id': np.asarray(arrays['user_id'], np.int32),
            'position': np.asarray(arrays['position'], np.int32)}
-    out['rank'], out['ties'] = self.last_ranks[:, 0], self.last_ranks[:, 1]
-    if self.sampled_negatives:
-      out['sampled_rank'], out['sampled_ties'] = self.last_ranks[:, 2], self.last_ranks[:, 3]
+    # rank, ties, and sampled_rank/sampled_ties, new_rank/new_ties when on (`rank_columns`).
+    out.update({name: self.last_ranks[:, i] for i, name in enumerate(self.columns)})
     files.atomic_write(path, lambda f: np.savez(f, **out), mode='wb')

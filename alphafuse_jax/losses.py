@@ -11,7 +11,9 @@ next item at every non-pad history position, see `positional_targets`); the back
 `example_loss` returns it with the row weights, and the train step takes the weighted mean over
 the global batch. `Objective` carries the config.train fields that choose the loss.
 `chunked_ce.py` holds the full-softmax CE that never holds all [..., N] logits (SASRec's
-leave-one-out training computes it over the whole batch).
+leave-one-out training computes it over the whole batch). `sampled_softmax.py` holds the
+'sampled_softmax' loss (K negatives shared by the step, uniform or by popularity, logQ-corrected,
+optional in-batch negatives): its `Objective` subclass is computed a device batch at once.
 
 Item embeddings for the sampled losses are either a table [N or N+1, h] or a callable
 ids -> [..., h] (the item-embedding module itself): with `negative_scoring='gather'` only the

@@ -160,6 +160,7 @@ def test_sampled_metrics_are_opt_in_and_labelled(synthetic, tmp_path):
   assert set(results['test_groups_sampled']) == set(results['test_groups'])
 
 
+@pytest.mark.slow  # 30 s: three CLI runs. The default suite resumes in process (stop_after_steps).
 def test_killed_run_resumes_to_identical_metrics(synthetic, tmp_path):
   overrides = dict(synthetic, **{'train.checkpoint_every_steps': 3})
   straight = run_cli(overrides, tmp_path / 'straight')

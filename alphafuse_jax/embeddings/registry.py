@@ -49,6 +49,7 @@ class _Inputs:
   hidden: int
   x: np.ndarray | None  # [N, d_l] float64 scaled language vectors
   weights: np.ndarray | None  # [N] popularity weights for the moments, or None
+  fit: np.ndarray | None = None  # bool [N]: the items the moments are fitted on (None: all)
 
   @property
   def d_l(self) -> int:
@@ -57,7 +58,8 @@ class _Inputs:
   def semantic(self, dim: int | None, **kwargs) -> tuple[np.ndarray, int | None]:
     return semantic_table(self.x, dim=dim, standardize=bool(self.cfg.standardize),
                           item_weights=self.weights, weighting=self.cfg.frequency_weighting,
-                          eigenvalue_floor=self.cfg.eigenvalue_floor, **kwargs)
+                          eigenvalue_floor=self.cfg.eigenvalue_floor, fit_items=self.fit,
+                          **kwargs)
 
   def semantic_init(self) -> np.ndarray:
     """The SI table [N, hidden]: raw vectors if d_l == hidden, else the top-hidden projection."""
@@ -71,14 +73,14 @@ class _Inputs:
   def whitened_full(self) -> np.ndarray:
     """WAP: full-dimension whitening; uniform weights and standardisation forced (reference)."""
     return semantic_table(self.x, dim=None, standardize=True,
-                          eigenvalue_floor=self.cfg.eigenvalue_floor)[0]
+                          eigenvalue_floor=self.cfg.eigenvalue_floor, fit_items=self.fit)[0]
 
 
 def semantic_table(language_embeddings: np.ndarray, *, dim: int | None, standardize: bool,
                    item_weights: np.ndarray | None = None, weighting: str = 'weighted',
                    eigenvalue_floor: float | None = None, null_dim: int | None = None,
                    null_threshold: float | None = None, cover: bool = False,
-                   ) -> tuple[np.ndarray, int | None]:
+                   fit_items: np.ndarray | None = None) -> tuple[np.ndarray, int | None]:
   """The reference's `semantic_space_decomposion`, in float64 JAX on the host.
 
   Args:
@@ -90,6 +92,8 @@ def semantic_table(language_embeddings: np.ndarray, *, dim: int | None, standard
     eigenvalue_floor: optional clamp for whitening (see decomposition.project).
     null_dim, null_threshold: nullity; only computed when one is set.
     cover: project k - n directions (the ID will be concatenated).
+    fit_items: optional bool [N]: fit the moments on these rows only (cold_start_items: the old
+      items, whose texts exist at training time), then project every row.
 
   Returns:
     (table float32 [N, k or k - n], nullity n or None).
@@ -97,8 +101,7 @@ def semantic_table(language_embeddings: np.ndarray, *, dim: int | None, standard
   d_l = language_embeddings.shape[1]
   k = d_l if dim is None else dim
   with jax.enable_x64(True):
-    space = decomposition.fit_semantic_space(language_embeddings, item_weights,
-                                             weighting=weighting)
+    space = _fit_space(language_embeddings, item_weights, weighting, fit_items)
     nullity = None
     if null_dim is not None or null_threshold is not None:
       nullity = decomposition.null_space_dim(space.eigenvalues, null_dim=null_dim,
@@ -110,6 +113,15 @@ def semantic_table(language_embeddings: np.ndarray, *, dim: int | None, standard
     table = decomposition.project(language_embeddings, space, width, standardize,
                                   eigenvalue_floor=eigenvalue_floor)
     return np.asarray(table, dtype=np.float32), nullity
+
+
+def _fit_space(x: np.ndarray, weights: np.ndarray | None, weighting: str,
+               fit_items: np.ndarray | None) -> decomposition.SemanticSpace:
+  """`decomposition.fit_semantic_space` on the rows `fit_items` (all rows when None)."""
+  if fit_items is not None:
+    x = np.asarray(x)[fit_items]
+    weights = None if weights is None else np.asarray(weights)[fit_items]
+  return decomposition.fit_semantic_space(x, weights, weighting=weighting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,17 +184,20 @@ def check_text_map(name: str, *, initial_rows: bool = False) -> Pipeline:
 
 
 def text_map(config_embedding: Any, *, language_embeddings: np.ndarray,
-             item_counts: np.ndarray | None, initial_rows: bool = False) -> TextMap:
+             item_counts: np.ndarray | None, initial_rows: bool = False,
+             fit_items: np.ndarray | None = None) -> TextMap:
   """The `TextMap` that `make_item_embedding` builds the pipeline's `language_table` with.
 
   Same arguments as `make_item_embedding` (plus `initial_rows`, see `check_text_map`: LLMInit's
   map then gives the initial ID rows); the space is fitted the same way (float64, the same
-  weights), so `rows(language_embeddings)` equals the module's frozen (or initial) table.
+  weights, the same `fit_items`), so `rows(language_embeddings)` equals the module's frozen (or
+  initial) table.
   """
   cfg = config_embedding
   pipeline = check_text_map(cfg.pipeline, initial_rows=initial_rows)
   module = make_item_embedding(cfg, num_items=np.shape(language_embeddings)[0],
-                               language_embeddings=language_embeddings, item_counts=item_counts)
+                               language_embeddings=language_embeddings, item_counts=item_counts,
+                               fit_items=fit_items)
   x = np.asarray(language_embeddings, np.float64)
   if pipeline.name in _RAW_TEXT_TABLES or (pipeline.name == 'llminit'
                                            and module.features == x.shape[1]):
@@ -190,14 +205,14 @@ def text_map(config_embedding: Any, *, language_embeddings: np.ndarray,
   with jax.enable_x64(True):
     if pipeline.name in ('alphafuse', 'llminit'):  # _Inputs.semantic: the run's weights.
       weights = np.asarray(item_counts, np.float64) if cfg.item_frequency_weighting else None
-      space = decomposition.fit_semantic_space(x, weights, weighting=cfg.frequency_weighting)
+      space = _fit_space(x, weights, cfg.frequency_weighting, fit_items)
       fused = pipeline.name == 'alphafuse'
       return TextMap(pipeline.name, jax.tree.map(np.asarray, space),
                      module.language_table.dim if fused else module.features,
                      bool(cfg.standardize), cfg.eigenvalue_floor,
                      module.null_dim if fused else None, bool(fused and module.cover))
     if pipeline.name in _WHITENED_TEXT_TABLES:  # _Inputs.whitened_full: uniform weights.
-      space = decomposition.fit_semantic_space(x)
+      space = _fit_space(x, None, 'weighted', fit_items)
       return TextMap(pipeline.name, jax.tree.map(np.asarray, space), x.shape[1], True,
                      cfg.eigenvalue_floor, None, False)
   raise NotImplementedError(f'text_map does not know how pipeline {pipeline.name!r} builds its '
@@ -315,7 +330,8 @@ def pipelines_for(backbone: str) -> tuple[str, ...]:
 
 def make_item_embedding(config_embedding: Any, *, num_items: int,
                         language_embeddings: np.ndarray | None,
-                        item_counts: np.ndarray | None) -> nn.Module:
+                        item_counts: np.ndarray | None,
+                        fit_items: np.ndarray | None = None) -> nn.Module:
   """Builds the item-embedding module of `config.embedding.pipeline`.
 
   Args:
@@ -324,6 +340,9 @@ def make_item_embedding(config_embedding: Any, *, num_items: int,
     language_embeddings: [N, d_l] vectors ALREADY multiplied by config.text.scale (the
       reference's language_embs_scale); unused (may be None) for the 'id' pipeline.
     item_counts: [N] train popularity; needed only with item_frequency_weighting.
+    fit_items: optional bool [N]: the items whose vectors the decomposition (mean, covariance)
+      is fitted on; None fits on all. cold_start_items passes the old items: a new item's text
+      is unknown at training time, so it must not shape the space (its row is still projected).
 
   Returns:
     An unbound `base.ItemEmbedding`.
@@ -358,4 +377,9 @@ def make_item_embedding(config_embedding: Any, *, num_items: int,
     weights = np.asarray(item_counts, dtype=np.float64)
     if weights.shape != (num_items,):
       raise ValueError(f'item_counts has shape {weights.shape}; expected ({num_items},).')
-  return pipeline.build(_Inputs(cfg, num_items, hidden, x, weights))
+  if fit_items is not None:
+    fit_items = np.asarray(fit_items)
+    if fit_items.dtype != bool or fit_items.shape != (num_items,) or fit_items.sum() < 2:
+      raise ValueError(f'fit_items must be a bool mask [num_items={num_items}] with at least 2 '
+                       f'items to fit the moments on, got {fit_items.dtype} {fit_items.shape}.')
+  return pipeline.build(_Inputs(cfg, num_items, hidden, x, weights, fit_items))

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 # Short group names for legends and table headers.
 GROUP_SHORT = {'overall': 'overall', 'tail_items': 'tail items', 'head_items': 'head items',
-               'short_users': 'short users', 'long_users': 'long users'}
+               'short_users': 'short users', 'long_users': 'long users',
+               'new_items': 'new items only'}
 # Line styles cycle with the colours so that rows with equal numbers (RLMRec and SASRec-ID) both show.
 _LINESTYLES = ('-', '--', ':', '-.')
 
@@ -96,6 +97,14 @@ def plot_deciles(suite: Suite, decile_table: Mapping[str, Any], path: pathlib.Pa
   return True
 
 
+
+def _mean_std(means, stds) -> tuple[np.ndarray, np.ndarray]:
+  """Arrays for error bars from JSON-safe lists: None stands for NaN (no mean) and for a std of 0
+  (one seed: none)."""
+  mean = np.asarray([np.nan if v is None else v for v in means], float)
+  std = np.asarray([0.0 if v is None or not np.isfinite(v) else v for v in stds], float)
+  return mean, std
+
 def plot_sweep(sweep: Mapping[str, Any], label: str, path: pathlib.Path) -> bool:
   """Test NDCG@20 (overall and tail items) against the sweep's x (e.g. null_dim), mean +- std."""
   if not sweep['x']:
@@ -103,15 +112,42 @@ def plot_sweep(sweep: Mapping[str, Any], label: str, path: pathlib.Path) -> bool
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for i, group in enumerate(('overall', 'tail_items')):
-    # JSON-safe input: None stands for NaN (no mean; no std with one seed).
-    mean = np.asarray([np.nan if v is None else v for v in sweep[group]['mean']], float)
-    std = np.asarray([0.0 if v is None else v for v in sweep[group]['std']], float)
+    mean, std = _mean_std(sweep[group]['mean'], sweep[group]['std'])
     ax.errorbar(sweep['x'], mean, yerr=std, marker='o', capsize=3, color=f'C{i}',
                 label=GROUP_SHORT[group])
   ax.set_xticks(sweep['x'])
   ax.set_xlabel(label)
   ax.set_ylabel('test NDCG@20')
   ax.set_title('null_dim sweep (error bars: std over seeds where > 1)')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  _save_figure(fig, path)
+  return True
+
+
+def plot_cold_items(variants: Sequence[str], tables: Mapping[str, Any],
+                    levels: Mapping[str, Any], path: pathlib.Path) -> bool:
+  """Bars of test NDCG@20 per row on a cold_start_items split: the target ranked among all items
+  and among the new items only (mean over seeds, std error bars), each with its random level
+  (`levels[group]['NDCG@20']`, experiments/cold_items.py) as a dashed line."""
+  rows = [v for v in variants if v in tables.get('overall', {})]
+  if not rows:
+    return False
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 4.2))
+  x = np.arange(len(rows))
+  for i, (group, label) in enumerate((('overall', 'all items'), ('new_items', 'new items only'))):
+    stat = [tables.get(group, {}).get(v, {}).get('NDCG@20') for v in rows]
+    mean, std = _mean_std([s['mean'] if s else None for s in stat],
+                          [s['std'] if s else None for s in stat])
+    ax.bar(x + (i - 0.5) * 0.38, mean, 0.38, yerr=std, capsize=3, color=f'C{i}', label=label)
+    ax.axhline(levels[group]['NDCG@20'], color=f'C{i}', linestyle='--', linewidth=1,
+               label=f'random, {label}')
+  ax.set_xticks(x)
+  seeds = [tables['overall'][v]['NDCG@20']['n'] for v in rows]
+  ax.set_xticklabels([f'{v}\n({n} seed{"s" if n > 1 else ""})' for v, n in zip(rows, seeds)])
+  ax.set_ylabel('test NDCG@20 (new-item targets)')
+  ax.set_title('New items from their text: mean over seeds (error bars: std)')
   ax.legend(fontsize=8)
   fig.tight_layout()
   _save_figure(fig, path)

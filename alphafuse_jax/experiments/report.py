@@ -20,6 +20,7 @@ import numpy as np
 from alphafuse_jax import evaluation
 from alphafuse_jax import files
 from alphafuse_jax import metrics as metrics_lib
+from alphafuse_jax.experiments import cold_items
 from alphafuse_jax.experiments import plots
 from alphafuse_jax.experiments import stats
 from alphafuse_jax.experiments.runner import cell_workdir
@@ -30,6 +31,8 @@ from alphafuse_jax.experiments.suites import make_suite
 from alphafuse_jax.experiments.suites import Suite
 
 GROUPS = evaluation.GROUPS
+# The groups of the tables: GROUPS, and on cold_start_items the rank among the new items only.
+REPORT_GROUPS = GROUPS + (evaluation.NEW_ITEMS,)
 # The metrics of the tables, and the ones the paired comparison shows in the README.
 TABLE_METRICS = ('HR@10', 'HR@20', 'NDCG@10', 'NDCG@20')
 COMPARISON_METRICS = ('NDCG@20', 'HR@20')
@@ -77,6 +80,9 @@ def collect_cell(suite: Suite, cell: Cell, results_dir: str, *, train_item_count
                                              ties=arrays.get('ties'))
     report.deciles = stats.decile_metric(arrays['rank'], arrays['target'], deciles,
                                          ties=arrays.get('ties'))
+    new_items = cold_items.new_item_group(arrays)
+    if new_items is not None:  # cold_start_items: every example, ranked among new items only.
+      report.groups[evaluation.NEW_ITEMS] = new_items
     if 'sampled_rank' in arrays:
       report.sampled_groups = evaluation.group_metrics(arrays['sampled_rank'], masks, ks=(10, 20),
                                                        ties=arrays.get('sampled_ties'))
@@ -84,7 +90,7 @@ def collect_cell(suite: Suite, cell: Cell, results_dir: str, *, train_item_count
     # results.json's groups carry the same names (at training's thresholds).
     stored = results.get('test_groups', {})
     report.groups = {'overall': results['test'],
-                     **{g: stored[g] for g in GROUPS if g != 'overall' and g in stored}}
+                     **{g: stored[g] for g in REPORT_GROUPS if g != 'overall' and g in stored}}
     report.note = 'no test_ranks.npz: groups from results.json, no decile curve'
     if 'test_sampled' in results:
       report.sampled_groups = {'overall': results['test_sampled']}
@@ -98,7 +104,7 @@ def aggregate(suite: Suite, cells: Sequence[CellReport], field: str = 'groups'
               ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
   """group -> variant -> metric -> mean_std over the seeds of finished cells (with per-seed values)."""
   table = {}
-  for group in GROUPS:
+  for group in REPORT_GROUPS:
     table[group] = {}
     for variant in suite.variants:
       by_seed = {c.cell.seed: getattr(c, field)[group] for c in cells
@@ -121,7 +127,7 @@ def comparisons(suite: Suite, cells: Sequence[CellReport]) -> dict[str, dict[str
   out = {}
   for metric in TABLE_METRICS:
     out[metric] = {}
-    for group in GROUPS:
+    for group in REPORT_GROUPS:
       base = by_seed(suite.baseline, group, metric)
       out[metric][group] = {v: stats.paired_comparison(by_seed(v, group, metric), base)
                             for v in suite.variants if v != suite.baseline}
@@ -179,7 +185,8 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
                  head_fraction: float = DEFAULT_HEAD_FRACTION,
                  spectrum: Callable[[pathlib.Path], dict[str, Any]] | None = None,
                  sweep_suite: Suite | None = None, command: str = '',
-                 sampled_negatives: int | None = None) -> dict[str, Any]:
+                 sampled_negatives: int | None = None,
+                 random_levels: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Writes README.md, summary.json and the plots into `<results_dir>/<suite>/`; returns the summary.
 
   Args:
@@ -189,6 +196,8 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
       a sweep).
     sampled_negatives: the config's count of sampled negatives, for runs whose results.json
       does not record it.
+    random_levels: a cold_start_items suite's `cold_items.random_levels`: adds the headline
+      table of new items and its plot.
   """
   out_dir = pathlib.Path(results_dir) / suite.name
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +219,10 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
   if plots.plot_deciles(suite, decile_table, out_dir / 'ndcg_by_popularity_decile.png'):
     plot_captions['ndcg_by_popularity_decile.png'] = (
         'Test NDCG@20 by train-popularity decile of the target (1 = least popular; symlog axis)')
+  if random_levels is not None and plots.plot_cold_items(suite.variants, _json_safe(table),
+                                                        random_levels, out_dir / 'cold_items.png'):
+    plot_captions['cold_items.png'] = ('Test NDCG@20 on new-item targets, ranked among all '
+                                       'items and among the new items only (dashed: random)')
   spectrum_info = None
   if spectrum is not None:
     spectrum_info = spectrum(out_dir / 'spectrum.png')
@@ -239,7 +252,7 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
                               'ndcg20_by_decile': c.deciles} for c in cells},
       'tables': table, 'comparisons': comp, 'sampled_tables': sampled,
       'sampled_negatives': negatives, 'deciles': decile_table, 'sweep': sweep,
-      'spectrum': spectrum_info, 'plots': plot_captions,
+      'spectrum': spectrum_info, 'plots': plot_captions, 'cold_items': random_levels,
       'not_finished': [{'cell': c.cell.name, 'status': c.status, 'workdir': c.workdir}
                        for c in not_finished],
   }
@@ -269,7 +282,8 @@ def report_from_config(suite: Suite, results_dir: str, *, short_history: int,
   config = load_config(suite.config)
   dataset = data_lib.load(config.data)
   spectrum = None
-  if with_spectrum and config.embedding.pipeline != 'id':  # The ID row has no language vectors.
+  # The ID row has no language vectors; a suite may turn the spectrum off.
+  if with_spectrum and suite.spectrum and config.embedding.pipeline != 'id':
     spectrum = lambda path: plots.spectrum_figure(config, path, dataset=dataset)
   # ml1m_sasrec's report shows the null_dim sweep's finished points; a sweep shows its own.
   sweep_suite = suite if suite.sweep_values else (
@@ -278,7 +292,9 @@ def report_from_config(suite: Suite, results_dir: str, *, short_history: int,
   return build_report(suite, results_dir, train_item_counts=dataset.train_item_counts,
                       short_history=short_history, head_fraction=head_fraction,
                       spectrum=spectrum, sweep_suite=sweep_suite, command=command,
-                      sampled_negatives=config.eval.sampled_negatives or None)
+                      sampled_negatives=config.eval.sampled_negatives or None,
+                      random_levels=(None if dataset.new_items is None else
+                                     cold_items.random_levels(dataset)))
 
 
 
@@ -297,7 +313,9 @@ def _group_title(group: str, short_history: int, head_fraction: float) -> str:
           'tail_items': f'Tail items (target outside the {head_fraction:.0%} most interacted in train)',
           'head_items': f'Head items (target among the {head_fraction:.0%} most interacted in train)',
           'short_users': f'Short users (fewer than {short_history} items before the target)',
-          'long_users': f'Long users ({short_history} or more items before the target)'}[group]
+          'long_users': f'Long users ({short_history} or more items before the target)',
+          'new_items': 'New items only (every example, the target ranked among the new items)'
+          }[group]
 
 
 def _metric_table(suite: Suite, table: Mapping[str, Any]) -> list[str]:
@@ -320,13 +338,14 @@ def _metric_table(suite: Suite, table: Mapping[str, Any]) -> list[str]:
 
 def _comparison_table(suite: Suite, comp: Mapping[str, Any], metric: str) -> list[str]:
   """Markdown rows: one per non-baseline variant, its paired difference in every group."""
-  lines = ['| pipeline | ' + ' | '.join(plots.GROUP_SHORT[g] for g in GROUPS) + ' |',
-           '|---' * (len(GROUPS) + 1) + '|']
+  groups = [g for g in REPORT_GROUPS if any(c['seeds'] for c in comp[metric][g].values())]
+  lines = ['| pipeline | ' + ' | '.join(plots.GROUP_SHORT[g] for g in groups) + ' |',
+           '|---' * (len(groups) + 1) + '|']
   for variant in suite.variants:
     if variant == suite.baseline:
       continue
     cells = []
-    for group in GROUPS:
+    for group in groups:
       c = comp[metric][group][variant]
       if not c['seeds']:
         cells.append('-')
@@ -349,8 +368,11 @@ def render_readme(suite: Suite, summary: Mapping[str, Any]) -> str:
            '- Full-ranking test metrics (the target ranked among all '
            f'{summary["num_items"]} items, no history masking), mean ± sample std (ddof=1) over '
            'seeds; "(1 seed)" has no std.',
-           '- Every test user is a cold-start user by the protocol: train, validation and test '
-           'users are disjoint (`cold_start_users`), so no test user appears in training.',
+           ('- Every test target is a new item by the protocol (`cold_start_items`): the newest '
+            'items by first interaction never appear in training, as target or in a history.'
+            if summary.get('cold_items') else
+            '- Every test user is a cold-start user by the protocol: train, validation and test '
+            'users are disjoint (`cold_start_users`), so no test user appears in training.'),
            f'- Head items: the {hf:.0%} most interacted in train ({summary["num_head_items"]} of '
            f'{summary["num_items"]}); tail items: the rest.',
            f'- Short users: fewer than {sh} items before the target; long users: {sh} or more. '
@@ -373,13 +395,16 @@ def render_readme(suite: Suite, summary: Mapping[str, Any]) -> str:
   else:
     lines.append('None: every cell finished.')
   lines.append('')
+  if summary.get('cold_items'):  # The question of a cold_start_items suite comes first.
+    lines += cold_items.render_section(summary, suite.variants)
   notes = [(name, c['note']) for name, c in summary['cells'].items() if c['note']]
   if notes:
     lines += ['Notes on finished runs:', '', *[f'- `{name}`: {note}' for name, note in notes], '']
   # One full-ranking table per group, then the paired comparisons.
   tables = summary['tables']
-  for group in GROUPS:
-    lines += [f'## {_group_title(group, sh, hf)}', '', *_metric_table(suite, tables[group]), '']
+  for group in REPORT_GROUPS:
+    if group in GROUPS or tables.get(group):  # The new-items group only where runs have it.
+      lines += [f'## {_group_title(group, sh, hf)}', '', *_metric_table(suite, tables[group]), '']
   lines += [f'## Each pipeline minus {suite.baseline}, paired by seed', '',
             'Mean ± std of the per-seed differences (pipeline − baseline). **tie**: |mean '
             'difference| is smaller than the seed spread (the larger of the two pipelines\' '

@@ -21,6 +21,7 @@ from alphafuse_jax.experiments.suites import Cell
 from alphafuse_jax.experiments.suites import parse_config_arg
 from alphafuse_jax.experiments.suites import REPO_ROOT
 from alphafuse_jax.experiments.suites import Suite
+from alphafuse_jax.experiments.suites import TRAIN_MODULE
 
 
 def now_utc() -> str:
@@ -42,10 +43,10 @@ def cell_log(suite: Suite, cell: Cell, results_dir: str) -> pathlib.Path:
 
 
 def cell_command(cell: Cell, workdir: pathlib.Path) -> list[str]:
-  """argv of one cell: `alphafuse_jax.main` with the cell's config, seed and overrides."""
+  """argv of one cell: its module (`alphafuse_jax.main`) with its config, seed and overrides."""
   path, arg = parse_config_arg(cell.config)
   config = str(path) + (f':{arg}' if arg else '')
-  return [sys.executable, '-m', 'alphafuse_jax.main', f'--config={config}',
+  return [sys.executable, '-m', cell.module, f'--config={config}',
           f'--workdir={workdir}', f'--config.train.seed={cell.seed}',
           '--config.progress_bar=false', *cell.overrides]
 
@@ -70,8 +71,8 @@ def run_cell_subprocess(cell: Cell, workdir: pathlib.Path, log_path: pathlib.Pat
                           cwd=REPO_ROOT, check=False).returncode
 
 
-def _running_elsewhere(workdir: pathlib.Path) -> int | None:
-  """The pid of another live `alphafuse_jax.main` process training in `workdir`, if any (Linux).
+def _running_elsewhere(workdir: pathlib.Path, module: str = TRAIN_MODULE) -> int | None:
+  """The pid of another live `module` process (training) in `workdir`, if any (Linux).
 
   Guards against resuming a cell that someone started by hand and that is still running.
   """
@@ -88,7 +89,7 @@ def _running_elsewhere(workdir: pathlib.Path) -> int | None:
     except OSError:  # The process ended, or is not ours to read.
       continue
     args = [a.decode(errors='replace') for a in args]
-    if 'alphafuse_jax.main' not in args:
+    if module not in args:
       continue
     # A relative --workdir is resolved against that process's cwd.
     for a in args:
@@ -126,7 +127,7 @@ def run_suite(suite: Suite, results_dir: str = 'results', *,
       results = stats.read_results(results_path)
       outcome.seconds = float(results.get('wall_seconds', float('nan')))
       outcome.ndcg20 = float(results['test']['NDCG@20'])
-    elif (pid := _running_elsewhere(workdir)) is not None:
+    elif (pid := _running_elsewhere(workdir, cell.module)) is not None:
       outcome.status, outcome.detail = 'busy', f'running in process {pid}; rerun when it ends'
     else:
       print(f'[{i}/{total}] {cell.name}: running (log {log_path})', file=out, flush=True)

@@ -19,6 +19,12 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The SASRec pipelines in table order, from the registry (LLM-ESR last: its backbone lands last).
 ML1M_PIPELINES = registry.pipelines_for('sasrec')
 NULL_DIMS = (16, 32, 64, 96)
+# ml1m_cold_items' rows (configs/cold_items.py ROWS; 'text_only' trains nothing).
+COLD_ITEMS_ROWS = ('alphafuse', 'morec', 'whitenrec', 'unisrec', 'llmesr', 'llminit', 'text_only',
+                   'id')
+# The module a cell runs: training, or the text-only ranker (no training).
+TRAIN_MODULE = 'alphafuse_jax.main'
+TEXT_RANKER_MODULE = 'alphafuse_jax.experiments.text_ranker'
 
 # UniSRec adapts the whole catalogue through its MoE in every step, and with data parallelism every
 # device repeats that (its draws are device-split invariant): one host device trains a UniSRec cell
@@ -37,7 +43,8 @@ class Cell:
 
   `config` is `<file>[:arg]` relative to the repository root; `overrides` are extra
   `--config.x=y` flags. `workdir` is set only when the cell reuses another suite's run. `env` holds
-  environment defaults for the cell's process; a variable the caller has set wins.
+  environment defaults for the cell's process; a variable the caller has set wins. `module` is
+  the entry point the cell runs with `python -m` (it takes --config and --workdir).
   """
   name: str
   variant: str
@@ -46,6 +53,7 @@ class Cell:
   overrides: tuple[str, ...] = ()
   workdir: str | None = None
   env: tuple[tuple[str, str], ...] = ()
+  module: str = TRAIN_MODULE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +69,8 @@ class Suite:
   # Sweep suites: variant -> x value of the sweep plot, and the x axis label.
   sweep_values: Mapping[str, int] | None = None
   sweep_label: str = ''
+  # Whether the report draws the language-embedding spectrum.
+  spectrum: bool = True
 
 
 def parse_config_arg(config: str) -> tuple[pathlib.Path, str | None]:
@@ -109,6 +119,13 @@ def _sweep_cell(variant: str, seed: int, results_dir: str) -> Cell:
               (f'--config.embedding.null_dim={null_dim}',))
 
 
+def _cold_items_cell(variant: str, seed: int, results_dir: str = '') -> Cell:
+  del results_dir  # Every cell has its own workdir.
+  module = TEXT_RANKER_MODULE if variant == 'text_only' else TRAIN_MODULE
+  return Cell(f'{variant}_s{seed}', variant, seed, f'configs/cold_items.py:{variant}',
+              env=CELL_ENV.get(variant, ()), module=module)
+
+
 def _smoke_cell(variant: str, seed: int, results_dir: str) -> Cell:
   del results_dir
   overrides = (f'--config.embedding.pipeline={variant}',)
@@ -128,6 +145,7 @@ class _SuiteSpec:
   cell: Callable[[str, int, str], Cell]
   sweep_x: Callable[[str], int] | None = None  # Sweep suites: variant -> x of the sweep plot.
   sweep_label: str = ''
+  spectrum: bool = True  # Draw the spectrum of the suite config's language vectors.
 
 
 # Every suite, in the order the error message lists them.
@@ -136,6 +154,12 @@ SUITES = {
         f'{len(ML1M_PIPELINES)} SASRec item pipelines on MovieLens-1M cold-start users, '
         '`configs/suite.py:<pipeline>` (3 epochs each, equal budget)',
         'configs/suite.py:alphafuse', ML1M_PIPELINES, (22, 23, 24), 'alphafuse', _ml1m_cell),
+    'ml1m_cold_items': _SuiteSpec(
+        'New items from their text alone: SASRec item pipelines, the text-only ranker and '
+        'SASRec-ID on MovieLens-1M `cold_start_items` (the newest 10% of the items never seen in '
+        'training), `configs/cold_items.py:<row>`, equal epoch budget',
+        'configs/cold_items.py:alphafuse', COLD_ITEMS_ROWS, (22, 23, 24), 'alphafuse',
+        _cold_items_cell, spectrum=False),
     'null_dim_sweep': _SuiteSpec(
         'AlphaFuse-SASRec on MovieLens-1M cold-start users with '
         '`--config.embedding.null_dim` in ' + ', '.join(map(str, NULL_DIMS)),
@@ -167,4 +191,4 @@ def make_suite(name: str, seeds: Sequence[int] | None = None,
   cells = tuple(spec.cell(v, s, results_dir) for v in variants for s in seeds)
   sweep_values = {v: spec.sweep_x(v) for v in variants} if spec.sweep_x else None
   return Suite(name, spec.description, spec.config, variants, seeds, cells, spec.baseline,
-               sweep_values=sweep_values, sweep_label=spec.sweep_label)
+               sweep_values=sweep_values, sweep_label=spec.sweep_label, spectrum=spec.spectrum)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from alphafuse_jax import losses
+from alphafuse_jax import sampled_softmax
 
 Array = jax.Array
 
@@ -60,8 +61,16 @@ class Recommender(nn.Module):
     model_key, loss_key = jax.random.split(key)
     return rng_streams(model_key), loss_key
 
-  def train_table(self) -> Array | None:
-    """What every row's loss scores against, built once per step (train mode), or None."""
+  def train_table(self) -> Array | dict[str, Array] | None:
+    """What every row's loss scores against, built once per step (train mode), or None.
+
+    The sampled softmax's K shared negatives {'ids', 'embeddings'} are drawn here, from the
+    step's key (the same on every device), and embedded once for the whole batch.
+    """
+    if isinstance(self.objective, sampled_softmax.SampledSoftmax):
+      return self.objective.shared_negatives(
+          self.make_rng('dropout'), lambda ids: self.item_embedding(ids, deterministic=False),
+          self.num_items)
     # With gathered negatives only the sampled rows are embedded (no whole table per step).
     return None if self.objective.gathers else self.item_table(deterministic=False)
 
@@ -79,15 +88,7 @@ class Recommender(nn.Module):
       (loss, weight), both [] or both [L] (per-position losses); weight 0 marks what does not
       count.
     """
-    if self.objective.per_position:
-      states = self.encode(history[None], deterministic=False)[0]  # [L, h]
-      targets, valid = losses.positional_targets(history[None], target[None], self.num_items)
-      targets, weights = targets[0], valid[0].astype(jnp.float32) * mask
-    else:
-      states = self(history[None], deterministic=False)[0]  # [h]
-      targets, weights = target, mask.astype(jnp.float32)
-    # What does not count points at item 0, so every value (and gradient) stays finite.
-    targets = jnp.where(weights > 0, targets, 0)
+    states, targets, weights = self.training_states(history, target, mask)
     items = table if table is not None else (
         lambda ids: self.item_embedding(ids, deterministic=False))
     return self.objective.per_example(states, targets, items, key=key,
@@ -108,6 +109,8 @@ class Recommender(nn.Module):
     Returns:
       (losses, weights), both [b] or both [b, L]; a weight-0 loss is any finite value.
     """
+    if isinstance(getattr(self, 'objective', None), sampled_softmax.SampledSoftmax):
+      return self._sampled_softmax_loss(params, history, target, mask, keys, table)
 
     def row_loss(history, target, mask, key):
       rngs, loss_key = self.split_example_key(key)
@@ -115,6 +118,44 @@ class Recommender(nn.Module):
                         method='example_loss')
 
     return jax.vmap(row_loss)(history, target, mask, keys)
+
+  def training_states(self, history: Array, target: Array,
+                      mask: Array) -> tuple[Array, Array, Array]:
+    """One row's train-mode states with their targets and weights, as the loss sees them.
+
+    The state at the last position ([h], [], []), or with `objective.per_position` at every
+    position ([L, h], [L], [L]; needs `encode`). What does not count (weight 0) targets item 0,
+    so every value (and gradient) stays finite.
+    """
+    if self.objective.per_position:
+      states = self.encode(history[None], deterministic=False)[0]  # [L, h]
+      targets, valid = losses.positional_targets(history[None], target[None], self.num_items)
+      targets, weights = targets[0], valid[0].astype(jnp.float32) * mask
+    else:
+      states = self(history[None], deterministic=False)[0]  # [h]
+      targets, weights = target, mask.astype(jnp.float32)
+    return states, jnp.where(weights > 0, targets, 0), weights
+
+  def sampled_softmax_row(self, history: Array, target: Array,
+                          mask: Array) -> tuple[Array, Array, Array, Array]:
+    """`training_states` and the targets' embeddings (states, positives, targets, weights)."""
+    states, targets, weights = self.training_states(history, target, mask)
+    return states, self.item_embedding(targets, deterministic=False), targets, weights
+
+  @nn.nowrap
+  def _sampled_softmax_loss(self, params, history, target, mask, keys, table):
+    """`batch_example_loss` of the sampled softmax: each row's states (with its own rngs, as
+    the per-row path draws them), then the loss of the batch at once (negatives shared by the
+    rows; in-batch negatives couple them)."""
+
+    def row(history, target, mask, key):
+      rngs, _ = self.split_example_key(key)
+      return self.apply({'params': params}, history, target, mask, rngs=rngs,
+                        method='sampled_softmax_row')
+
+    states, positives, targets, weights = jax.vmap(row)(history, target, mask, keys)
+    return self.objective.batch_loss(states, positives, targets, weights, table,
+                                     num_items=self.num_items), weights
 
   def auxiliary_loss(self, *, deterministic: bool) -> Array:
     """The item embedding's own weighted loss (RLMRec's reconstruction; 0 for most)."""
