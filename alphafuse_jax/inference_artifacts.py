@@ -105,8 +105,10 @@ def save(workdir: str, config: ml_collections.ConfigDict, dataset: data_lib.Prep
   if language is not None:
     arrays['language.npy'] = np.asarray(language, np.float64)
   if pipeline.text_map or pipeline.name in registry.INITIAL_ROW_PIPELINES:
+    # Fitted as in training: on the old items only under cold_start_items.
     text_map = registry.text_map(config.embedding, language_embeddings=language,
-                                 item_counts=counts, initial_rows=True)
+                                 item_counts=counts, initial_rows=True,
+                                 fit_items=builders.old_items(dataset))
     manifest['text_map'] = {'width': text_map.width, 'standardize': text_map.standardize,
                             'eigenvalue_floor': text_map.eigenvalue_floor,
                             'nullity': text_map.nullity, 'cover': text_map.cover,
