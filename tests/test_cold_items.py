@@ -14,6 +14,7 @@ import pytest
 from alphafuse_jax import builders
 from alphafuse_jax import evaluation
 from alphafuse_jax import experiments
+from alphafuse_jax import inference_artifacts
 from alphafuse_jax import parallel
 from alphafuse_jax.data import protocols
 from alphafuse_jax.embeddings import registry
@@ -169,7 +170,7 @@ def numpy_semantic_table(x: np.ndarray, fit: np.ndarray, k: int) -> np.ndarray:
   return (x - mean) @ vectors / np.sqrt(values)
 
 
-def test_decomposition_is_fitted_on_old_items_only():
+def test_decomposition_is_fitted_on_old_items_only(tmp_path):
   dataset = toy_dataset()
   x = np.random.default_rng(1).normal(size=(NUM_ITEMS, 5)) * 40
   x[NEW] += 100.0  # New items far away: fitting on them would move the mean a lot.
@@ -183,6 +184,10 @@ def test_decomposition_is_fitted_on_old_items_only():
                                item_counts=dataset.train_item_counts,
                                fit_items=builders.old_items(dataset))
   np.testing.assert_array_equal(text_map.rows(x), table)
+  # What a run saves for serving is that space too, not one refitted on every item.
+  inference_artifacts.save(str(tmp_path), config, dataset, language=x)
+  saved = inference_artifacts.load(str(tmp_path)).text_map
+  np.testing.assert_allclose(saved.rows(x), table, rtol=1e-5, atol=1e-5)
   # WhitenRec's full whitening and LLMInit's initial rows use the same old-item space.
   whiten = builders.build_model(toy_config('whitenrec'), dataset, x)
   np.testing.assert_allclose(whiten.item_embedding.language_table.values,
