@@ -6,7 +6,9 @@ Literature (SASRec with full CE / gSASRec, HR@10 / NDCG@10): 0.3152 / 0.1821 and
 Training: every position predicts its next item (full-softmax CE), Kang & McAuley's blocks.
 Measured here (2026-11-30, seed 22): early stopping at epoch 128, best epoch 108. Test HR@10 0.3094,
 NDCG@10 0.1788; val NDCG@20 0.2151. Runtime on this 2-core machine: about 62 s an epoch (48 steps
-of 128 users at L = 200, plus validation) on 2 host devices, about 2.2 h in all.
+of 128 users at L = 200, plus validation) on 2 host devices, about 2.2 h in all, measured before
+the leave-one-out train step became 3.06x faster (BENCHMARKS.md, 2026-11-30); the end-to-end time
+has not been measured since.
 """
 
 import os
