@@ -34,6 +34,14 @@ def _pyplot():
   return plt
 
 
+def _finish(fig, ax, path: pathlib.Path) -> bool:
+  """Legend, layout, save: the common end of every plot here (True: a figure was written)."""
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  _save_figure(fig, path)
+  return True
+
+
 def _save_figure(fig, path: pathlib.Path) -> None:
   """The figure as a PNG at `path` (atomically), then closed."""
   plt = _pyplot()
@@ -64,10 +72,7 @@ def plot_learning_curves(suite: Suite, cells: Sequence[CellReport], path: pathli
   ax.xaxis.get_major_locator().set_params(integer=True)  # Epochs are whole numbers.
   ax.set_ylabel('val NDCG@20 (mean over seeds)')
   ax.set_title(f'{suite.name}: learning curves')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  _save_figure(fig, path)
-  return True
+  return _finish(fig, ax, path)
 
 
 def plot_deciles(suite: Suite, decile_table: Mapping[str, Any], path: pathlib.Path) -> bool:
@@ -91,10 +96,7 @@ def plot_deciles(suite: Suite, decile_table: Mapping[str, Any], path: pathlib.Pa
   # symlog: the tail deciles are orders of magnitude below the head ones, and may be 0.
   ax.set_yscale('symlog', linthresh=1e-3)
   ax.set_title(f'{suite.name}: NDCG@20 by target popularity')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  _save_figure(fig, path)
-  return True
+  return _finish(fig, ax, path)
 
 
 
@@ -119,10 +121,7 @@ def plot_sweep(sweep: Mapping[str, Any], label: str, path: pathlib.Path) -> bool
   ax.set_xlabel(label)
   ax.set_ylabel('test NDCG@20')
   ax.set_title('null_dim sweep (error bars: std over seeds where > 1)')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  _save_figure(fig, path)
-  return True
+  return _finish(fig, ax, path)
 
 
 def plot_cold_items(variants: Sequence[str], tables: Mapping[str, Any],
@@ -148,10 +147,7 @@ def plot_cold_items(variants: Sequence[str], tables: Mapping[str, Any],
   ax.set_xticklabels([f'{v}\n({n} seed{"s" if n > 1 else ""})' for v, n in zip(rows, seeds)])
   ax.set_ylabel('test NDCG@20 (new-item targets)')
   ax.set_title('New items from their text: mean over seeds (error bars: std)')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  _save_figure(fig, path)
-  return True
+  return _finish(fig, ax, path)
 
 
 def spectrum_figure(config, path: pathlib.Path, *, embeddings: np.ndarray | None = None,
