@@ -7,10 +7,8 @@ LLM-ESR's self-distillation, whose similar-user retrieval reads the train split 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -68,50 +66,11 @@ def old_items(dataset) -> np.ndarray | None:
   return None if new_items is None else ~np.asarray(new_items, bool)
 
 
-@dataclasses.dataclass(frozen=True)
-class ExcludingObjective(losses.Objective):
-  """`losses.Objective` that never scores `excluded_items` in training (cold_start_items).
-
-  A model cannot know of an item that does not exist yet, so the new items are out of the full
-  softmax (logit -inf: no gradient reaches their ID rows, nor a text adapter through their
-  texts) and are never drawn as sampled negatives (uniform over the other allowed items). Train
-  targets are never excluded (the protocol's are old items). A tuple keeps it hashable.
-  """
-  excluded_items: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.per_position:
-      raise ValueError('excluded items (cold_start_items) need last-position training, not '
-                       "leave_one_out's per-position loss.")
-
-  def per_example(self, states, targets, item_embeddings, *, key, num_items: int):
-    allowed = np.setdiff1d(np.arange(num_items), np.asarray(self.excluded_items, np.int64))
-    if self.kind != 'ce':
-      # Uniform over the allowed items but the target: sample among their indices, then map.
-      at = jnp.searchsorted(jnp.asarray(allowed), targets)
-      negatives = jnp.asarray(allowed, jnp.int32)[
-          losses.sample_negatives(key, at, allowed.size, self.num_negatives)]
-    if callable(item_embeddings):  # negative_scoring='gather': only the sampled rows.
-      positive, negative = item_embeddings(targets), item_embeddings(negatives)
-      if self.kind == 'bce':
-        return losses.bce_per_example(states, positive, negative)
-      return losses.infonce_per_example(states, positive, negative, self.temperature)
-    table = item_embeddings[:num_items]
-    if self.kind != 'ce':
-      return losses.sampled_loss_dense(self.kind, states, targets, negatives, table,
-                                       self.temperature)
-    keep = np.zeros(num_items, bool)
-    keep[allowed] = True
-    logits = jnp.where(keep, jnp.matmul(states, table.T), -jnp.inf)
-    return losses.softmax_cross_entropy(logits, targets)
-
-
 def objective(config: ml_collections.ConfigDict, dataset=None) -> losses.Objective:
   """The training loss of the user states, from config.train and the protocol.
 
   With a `dataset` that has new items (cold_start_items) they are excluded from training's
-  softmax and negatives (`ExcludingObjective`). 'sampled_softmax' builds its sampler's tables
+  softmax and negatives (`losses.Objective.excluded_items`). 'sampled_softmax' builds its sampler's tables
   from the dataset's train item counts (without a dataset: the fields are checked only).
   """
   t = config.train
@@ -131,9 +90,8 @@ def objective(config: ml_collections.ConfigDict, dataset=None) -> losses.Objecti
                 negative_scoring=t.negative_scoring,
                 per_position=config.data.protocol == 'leave_one_out')
   old = old_items(dataset)
-  if old is None:
-    return losses.Objective(**kwargs)
-  return ExcludingObjective(**kwargs, excluded_items=tuple(int(i) for i in np.flatnonzero(~old)))
+  excluded = () if old is None else tuple(int(i) for i in np.flatnonzero(~old))
+  return losses.Objective(**kwargs, excluded_items=excluded)
 
 
 def _dreamrec(config, item_embedding, max_len: int) -> dreamrec_lib.DreamRec:

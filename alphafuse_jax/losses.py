@@ -25,6 +25,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 ItemEmbeddings = Array | Callable[[Array], Array]
@@ -174,7 +175,8 @@ def _real_item_table(item_embeddings: ItemEmbeddings, num_items: int, why: str) 
 
 def per_example_loss(kind: str, states: Array, targets: Array, item_embeddings: ItemEmbeddings, *,
                      num_items: int, key: Array | None = None, num_negatives: int = 1,
-                     temperature: float = 0.07, dense: bool = False) -> Array:
+                     temperature: float = 0.07, dense: bool = False,
+                     excluded_items: tuple[int, ...] = ()) -> Array:
   """Per-example loss [...] for states [..., h] and targets int [...].
 
   Args:
@@ -185,15 +187,28 @@ def per_example_loss(kind: str, states: Array, targets: Array, item_embeddings: 
     num_negatives: K negatives per example.
     temperature: InfoNCE temperature tau.
     dense: score the sampled items through the whole table (`sampled_loss_dense`); needs a table.
+    excluded_items: items never scored (`Objective.excluded_items`); targets must not be among
+      them.
   """
   if kind == 'ce':
-    return ce_per_example(states, _real_item_table(item_embeddings, num_items, "The 'ce' loss"),
-                          targets)
+    table = _real_item_table(item_embeddings, num_items, "The 'ce' loss")
+    if not excluded_items:
+      return ce_per_example(states, table, targets)
+    keep = np.ones(num_items, bool)
+    keep[list(excluded_items)] = False
+    return softmax_cross_entropy(jnp.where(keep, jnp.matmul(states, table.T), -jnp.inf), targets)
   if kind not in LOSSES:
     raise ValueError(f'Unknown loss {kind!r} (config.train.loss); use one of {LOSSES}.')
   if key is None:
     raise ValueError(f'The {kind!r} loss samples negatives and needs a random key.')
-  negatives = sample_negatives(key, targets, num_items, num_negatives)
+  if excluded_items:
+    # Uniform over the allowed items but the target: sample among their indices, then map.
+    allowed = np.setdiff1d(np.arange(num_items), np.asarray(excluded_items, np.int64))
+    at = jnp.searchsorted(jnp.asarray(allowed), targets)
+    negatives = jnp.asarray(allowed, jnp.int32)[
+        sample_negatives(key, at, allowed.size, num_negatives)]
+  else:
+    negatives = sample_negatives(key, targets, num_items, num_negatives)
   if dense:
     return sampled_loss_dense(kind, states, targets, negatives,
                               _real_item_table(item_embeddings, num_items,
@@ -233,12 +248,16 @@ class Objective:
     negative_scoring: 'dense' scores the sampled items through the whole table [N, h] (one matmul;
       fast up to ~1e5 items); 'gather' embeds only the target and the K negatives of each row.
     per_position: leave-one-out training: every history position predicts its next item.
+    excluded_items: items training never scores (cold_start_items' new items: a model cannot
+      know of an item that does not exist yet): out of the full softmax (logit -inf, so no
+      gradient reaches their rows) and never drawn as negatives. A tuple keeps it hashable.
   """
   kind: str = 'ce'
   num_negatives: int = 64
   temperature: float = 0.07
   negative_scoring: str = 'dense'
   per_position: bool = False
+  excluded_items: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.kind not in LOSSES:
@@ -249,6 +268,9 @@ class Objective:
     if self.kind != 'ce' and self.num_negatives < 1:
       raise ValueError(f'config.train.num_negatives={self.num_negatives} must be >= 1 for '
                        f'{self.kind}.')
+    if self.excluded_items and self.per_position:
+      raise ValueError('excluded items (cold_start_items) need last-position training, not '
+                       "leave_one_out's per-position loss.")
 
   @property
   def gathers(self) -> bool:
@@ -261,4 +283,5 @@ class Objective:
     return per_example_loss(self.kind, states, targets, item_embeddings, num_items=num_items,
                             key=key, num_negatives=self.num_negatives,
                             temperature=self.temperature,
-                            dense=self.negative_scoring == 'dense')
+                            dense=self.negative_scoring == 'dense',
+                            excluded_items=self.excluded_items)

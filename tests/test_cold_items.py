@@ -15,6 +15,7 @@ from alphafuse_jax import builders
 from alphafuse_jax import evaluation
 from alphafuse_jax import experiments
 from alphafuse_jax import inference_artifacts
+from alphafuse_jax import losses
 from alphafuse_jax import parallel
 from alphafuse_jax.data import protocols
 from alphafuse_jax.embeddings import registry
@@ -296,8 +297,8 @@ def test_report_has_the_headline_table_and_plot(tmp_path):
 
 # ---- new items never enter training ---------------------------------------------------------
 def excluding(kind: str, **kwargs):
-  return builders.ExcludingObjective(kind=kind, num_negatives=kwargs.pop('k', 5),
-                                     excluded_items=(9, 10, 11), **kwargs)
+  return losses.Objective(kind=kind, num_negatives=kwargs.pop('k', 5),
+                          excluded_items=(9, 10, 11), **kwargs)
 
 
 def test_full_softmax_leaves_new_items_out_and_gives_their_rows_no_gradient():
