@@ -24,8 +24,8 @@ from alphafuse_jax import checkpointing
 from alphafuse_jax import data
 from alphafuse_jax import errors
 from alphafuse_jax.data import grain_input
-from alphafuse_jax.data import pipeline
 from alphafuse_jax.data import tfds_builder
+from alphafuse_jax.data import pipeline
 from tests.test_train import make_config
 from tests.test_train import make_dataset
 
@@ -108,7 +108,7 @@ def prepared(tmp_path_factory):
     patch.setattr(tfds_builder, 'CHUNK_SIZE', 37)
     config = make_config(make_dataset(root))  # Prepares the data.
   dataset = data.load(config.data)
-  return config, dataset, grain_input.prepared_directory(config.data)
+  return config, dataset, tfds_builder.prepared_directory(config.data)
 
 
 @pytest.mark.parametrize('cache_mb', [64.0, 0.001], ids=['all_chunks', 'one_chunk'])

@@ -181,14 +181,6 @@ class TfdsSplitSource:
     return f'TfdsSplitSource({self.directory}, {self.split!r}, n={len(self)})'
 
 
-def prepared_directory(data_config: Any) -> pathlib.Path:
-  """The TFDS directory `tfds_builder.load` prepares `data_config`'s dataset into."""
-  settings = tfds_builder.settings(data_config)
-  digest = tfds_builder.fingerprint(tfds_builder.source_files(data_config), settings)
-  return (tfds_builder.resolve_data_dir(data_config.data_dir) / tfds_builder.DATASET_NAME /
-          tfds_builder.config_name(settings, digest) / tfds_builder.VERSION)
-
-
 class _StepRows:
   """Global step -> this process's (rows, mask), epoch by epoch from `pipeline.train_order`."""
 
@@ -309,7 +301,7 @@ def train_input(config: Any, dataset: protocols.PreparedDataset, *, num_devices:
     arrays = arrays.arrays()  # The numpy input batches from memory (read with a warning).
   if lazy and kind == 'grain':  # The arrays stay on disk; only the order keys are held.
     source = TfdsSplitSource(arrays.directory, 'train', cache_mb=config.data.grain_cache_mb)
-  elif kind == 'grain' and (directory := prepared_directory(config.data)).is_dir():
+  elif kind == 'grain' and (directory := tfds_builder.prepared_directory(config.data)).is_dir():
     source = TfdsSplitSource(directory, 'train', cache_mb=config.data.grain_cache_mb)
     if len(source) != len(arrays['target']):
       raise errors.DataError(f'{directory} holds {len(source)} train examples, the loaded '

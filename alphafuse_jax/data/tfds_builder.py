@@ -363,6 +363,13 @@ def read(directory: pathlib.Path, train_arrays: bool = True) -> protocols.Prepar
       new_items=new_items)
 
 
+def prepared_directory(config: Any) -> pathlib.Path:
+  """The directory `load` prepares `config`'s dataset into (keyed on the sources' sha256)."""
+  config_settings = settings(config)
+  name = config_name(config_settings, fingerprint(source_files(config), config_settings))
+  return resolve_data_dir(config.data_dir) / DATASET_NAME / name / VERSION
+
+
 def load(config: Any, train_arrays: bool = True) -> protocols.PreparedDataset:
   """Prepares the config's dataset into the cache if needed, then reads it.
 
@@ -372,12 +379,9 @@ def load(config: Any, train_arrays: bool = True) -> protocols.PreparedDataset:
   A cache that cannot be read back (truncated, edited, half deleted) is deleted and prepared again
   with a warning; one that fails again right after preparation is a DataError naming it.
   """
-  config_settings = settings(config)
   protocols._check_max_len(config.max_len)
-  files = source_files(config)
-  name = config_name(config_settings, fingerprint(files, config_settings))
-  data_dir = resolve_data_dir(config.data_dir)
-  final = data_dir / DATASET_NAME / name / VERSION
+  final = prepared_directory(config)
+  data_dir, name = final.parents[2], final.parent.name
   if data_dir.is_dir():
     clean_orphans(data_dir)
   if final.exists():
