@@ -18,6 +18,7 @@ from alphafuse_jax import errors
 from alphafuse_jax import metrics as metrics_lib
 from alphafuse_jax import parallel
 from alphafuse_jax import precision
+from alphafuse_jax.data import grain_input
 from alphafuse_jax.embeddings import registry
 
 OPTIMIZERS = ('adam_l2', 'adamw', 'sgd')
@@ -68,6 +69,10 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       ('eval.sampled_negatives', e.sampled_negatives),
                       ('eval.short_history', e.short_history)):
     _check(value >= 0, f'config.{name}={value} must be >= 0 (0 = off).')
+  _check(config.data.input in grain_input.INPUTS, f'config.data.input={config.data.input!r} is '
+         f'not one of {grain_input.INPUTS}.')
+  _check(config.data.grain_cache_mb > 0, f'config.data.grain_cache_mb='
+         f'{config.data.grain_cache_mb} must be > 0 (MiB of decoded chunks).')
   _check(t.compute_dtype in precision.COMPUTE_DTYPES, f'config.train.compute_dtype='
          f'{t.compute_dtype!r} is not one of {precision.COMPUTE_DTYPES}.')
   _check(config.log_every_steps >= 1,

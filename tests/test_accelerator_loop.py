@@ -275,6 +275,8 @@ def test_device_memory_statistics_where_reported():
     ({'log_every_steps': 0}, 'log_every_steps=0 must be >= 1'),
     ({'profile_steps': (0, 2)}, r'profile_steps=\(0, 2\) must be \(\) \(off\)'),
     ({'profile_steps': (5,)}, r'profile_steps=\(5,\) must be'),
+    ({'data.input': 'tfdata'}, "data.input='tfdata' is not one of"),
+    ({'data.grain_cache_mb': 0.0}, 'grain_cache_mb=0.0 must be > 0'),
 ])
 def test_bad_precision_log_and_profile_fields_fail_at_start(overrides, message):
   config = make_config(overrides)
