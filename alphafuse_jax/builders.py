@@ -8,13 +8,16 @@ LLM-ESR's self-distillation, whose similar-user retrieval reads the train split 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import ml_collections
 import numpy as np
 
 from alphafuse_jax import data as data_lib
 from alphafuse_jax import losses
+from alphafuse_jax import parallel
 from alphafuse_jax import sampled_softmax
+from alphafuse_jax.embeddings import base as emb_base
 from alphafuse_jax.embeddings import registry
 from alphafuse_jax.models import dreamrec as dreamrec_lib
 from alphafuse_jax.models import llmesr as llmesr_lib
@@ -146,7 +149,8 @@ def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDat
                      f'{BACKBONES}.')
   item_embedding = registry.make_item_embedding(
       config.embedding, num_items=dataset.num_items, language_embeddings=language_embeddings,
-      item_counts=dataset.train_item_counts, fit_items=old_items(dataset))
+      item_counts=dataset.train_item_counts, fit_items=old_items(dataset),
+      row_multiple=config.get('model_shards', 1))  # Tables sharded over M devices: rows % M == 0.
   if config.model.backbone == 'dreamrec':
     return _dreamrec(config, item_embedding, dataset.max_len)
   if config.embedding.pipeline == 'llmesr':
@@ -157,3 +161,12 @@ def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDat
       item_embedding=item_embedding, max_len=dataset.max_len, block=m.block,
       num_blocks=m.num_blocks, num_heads=m.num_heads, dropout_rate=m.dropout_rate,
       pre_ln=m.pre_ln, objective=objective(config, dataset))
+
+
+def frozen_item_tables(dp: parallel.DataParallel, model: Any):
+  """The model's frozen tables and their rows padded to the model-shard count and sharded over
+  'model' (placed once per `dp`, shared with the evaluation)."""
+  tables = emb_base.frozen_tables(model)
+  frozen = tuple(dp.item_constant(id(t), lambda t=t: emb_base.pad_rows(
+      t.padded, dp.model_shards)) for t in tables)
+  return tables, frozen

@@ -44,6 +44,13 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   t, e = config.train, config.eval
   _check(config.parallelism in parallel.MODES,
          f'config.parallelism={config.parallelism!r} is not one of {parallel.MODES}.')
+  shards = config.get('model_shards', 1)
+  _check(isinstance(shards, int) and shards >= 1 and not num_devices % shards,
+         f'config.model_shards={shards!r} must be an int >= 1 that divides the {num_devices} '
+         f'devices (e.g. --config.model_shards={num_devices}).')
+  _check(shards == 1 or config.parallelism == 'shard_map',
+         f"config.model_shards={shards} shards the item tables over a mesh axis: it needs "
+         "config.parallelism='shard_map' (pmap replicates every parameter on every device).")
   _check(config.model.backbone in builders.BACKBONES, f'config.model.backbone='
          f'{config.model.backbone!r} is not one of {builders.BACKBONES}.')
   pipeline = registry.get_pipeline(config.embedding.pipeline)
@@ -54,6 +61,7 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     builders.objective(config)  # Checks the loss, its negatives and their scoring.
   _check(t.optimizer in OPTIMIZERS,
          f'config.train.optimizer={t.optimizer!r} is not one of {OPTIMIZERS}.')
+  _validate_sparse_item_updates(config)
   for name, batch in (('train.batch_size', t.batch_size), ('eval.batch_size', e.batch_size)):
     _check(batch >= 1 and not batch % num_devices,
            f'config.{name}={batch} must be a positive multiple of the {num_devices} devices '
@@ -108,6 +116,38 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _check(e.ties in metrics_lib.METRIC_TIE_RULES,
          f'config.eval.ties={e.ties!r} is not one of {metrics_lib.METRIC_TIE_RULES}.')
   _validate_data_and_text(config, pipeline)
+
+
+# Pipelines whose only trainable item rows are an `id_table` param looked up by id (and never
+# read whole in a sampled-softmax step): the ones config.train.sparse_item_updates can update.
+SPARSE_UPDATE_PIPELINES = ('id', 'llminit', 'alphafuse')
+_NOT_SPARSE = {
+    'rlmrec': 'its reconstruction loss reads every row of the ID table each step',
+    'llmesr': "LLM-ESR's self-distillation looks up the histories of similar users, which are "
+              'not in the batch',
+}
+
+
+def _validate_sparse_item_updates(config: ml_collections.ConfigDict) -> None:
+  """config.train.sparse_item_updates: only where a step looks up the rows it can gather."""
+  t = config.train
+  if not t.get('sparse_item_updates', False):
+    return
+  off = 'or set --config.train.sparse_item_updates=false'
+  _check(config.model.backbone == 'sasrec',
+         f'config.train.sparse_item_updates=True needs the SASRec backbone: '
+         f'{config.model.backbone!r} does not train by the sampled softmax. Set '
+         f'--config.model.backbone=sasrec {off}.')
+  _check(t.loss == 'sampled_softmax',
+         f"config.train.sparse_item_updates=True needs config.train.loss='sampled_softmax', got "
+         f"{t.loss!r} (it scores the whole item table, or per-row negatives the step does not "
+         f'gather). Set --config.train.loss=sampled_softmax {off}.')
+  name = config.embedding.pipeline
+  why = _NOT_SPARSE.get(name, 'it has no trainable item ID table (nothing to update sparsely)')
+  _check(name in SPARSE_UPDATE_PIPELINES,
+         f'config.train.sparse_item_updates=True needs a pipeline whose trainable item rows are '
+         f'looked up by id ({", ".join(SPARSE_UPDATE_PIPELINES)}); {name!r} cannot: {why}. Use '
+         f'one of those pipelines {off}.')
 
 
 def _validate_data_and_text(config: ml_collections.ConfigDict, pipeline) -> None:

@@ -28,10 +28,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from alphafuse_jax import builders
 from alphafuse_jax import data as data_lib
 from alphafuse_jax import files
 from alphafuse_jax import metrics as metrics_lib
 from alphafuse_jax import parallel
+from alphafuse_jax.embeddings import base as emb_base
 from alphafuse_jax.embeddings import registry
 from alphafuse_jax.models import base
 
@@ -77,7 +79,8 @@ def rank_columns(sampled: bool, new_items: bool) -> tuple[str, ...]:
 
 
 def make_eval_step(model, *, chunk_size: int, sampled_negatives: int = 0,
-                   sampled_key: jax.Array | None = None, new_items: np.ndarray | None = None):
+                   sampled_key: jax.Array | None = None, new_items: np.ndarray | None = None,
+                   sharded_items: bool = False):
   """Per-device eval step: ranking states -> the target's rank among all N items.
 
   `batch` holds history [b, L], target [b], index [b] (the row's index in the split, which seeds
@@ -89,7 +92,12 @@ def make_eval_step(model, *, chunk_size: int, sampled_negatives: int = 0,
   that opt-in path scores the whole catalogue at once. With `new_items` (bool [N]; every target
   must be one) it adds the rank and ties among the new items only: the same chunked count over
   the new items' rows of the table (M of them, so O(b x chunk) memory again).
+
+  `sharded_items`: the table [R, h] (R >= N, rows past N zero padding) is sharded over the 'model'
+  mesh axis (`parallel`): each device counts the items of its own shard, chunk by chunk, and one
+  psum over 'model' merges the counts; no device ever holds the [b, N] scores or the whole table.
   """
+  num_items = model.item_embedding.num_items if sharded_items else None  # N (rows past: padding).
   if new_items is not None:
     new_ids = np.flatnonzero(new_items).astype(np.int32)  # [M]
     # Item id (or pad id N) -> its index among the new items; M (ignored) for the others.
@@ -100,8 +108,13 @@ def make_eval_step(model, *, chunk_size: int, sampled_negatives: int = 0,
     states = model.apply({'params': params}, batch['history'], batch['index'],
                          method='ranking_states')
     exclude = batch.get('seen')
-    above, ties = metrics_lib.target_rank_counts_chunked(
-        states, table, batch['target'], exclude, chunk_size=min(chunk_size, table.shape[0]))
+    if sharded_items:
+      above, ties = _sharded_rank_counts(states, table, batch['target'], exclude,
+                                         num_items=num_items, chunk_size=chunk_size)
+      table = table[:num_items]  # The paths below are GSPMD-partitioned.
+    else:
+      above, ties = metrics_lib.target_rank_counts_chunked(
+          states, table, batch['target'], exclude, chunk_size=min(chunk_size, table.shape[0]))
     columns = [above + 1, ties]
     if sampled_negatives:
       history = batch['history'] if exclude is None else jnp.concatenate(
@@ -125,6 +138,56 @@ def make_eval_step(model, *, chunk_size: int, sampled_negatives: int = 0,
   return eval_step
 
 
+def _sharded_rank_counts(states, table, targets, exclude, *, num_items: int, chunk_size: int):
+  """`metrics.target_rank_counts_chunked` on a table sharded over 'model': per-shard counts
+  (`metrics.shard_rank_counts_chunked`) summed by a psum over 'model'."""
+  targets = targets.astype(jnp.int32)
+  target_score = jnp.einsum('bh,bh->b', states, jnp.take(table, targets, axis=0))
+  rest = () if exclude is None else (exclude,)
+
+  def local(states, shard, score, targets, *rest):
+    above, tied = metrics_lib.shard_rank_counts_chunked(
+        states, shard, score, targets, rest[0] if rest else None,
+        offset=parallel.item_shard_offset(shard.shape[0]), num_items=num_items,
+        chunk_size=chunk_size)
+    return jax.lax.psum(above, parallel.MODEL_AXIS), jax.lax.psum(tied, parallel.MODEL_AXIS)
+
+  whole = jax.sharding.PartitionSpec()
+  rows = jax.sharding.PartitionSpec(parallel.MODEL_AXIS)
+  specs = (whole, rows, whole, whole) + (whole,) * len(rest)
+  above, tied = parallel.over_items(local, specs, (whole, whole))(
+      states, table, target_score, targets, *rest)
+  is_nan = jnp.isnan(target_score)
+  return jnp.where(is_nan, num_items - 1, above), jnp.where(is_nan, 0, tied)
+
+
+def popularity_rank_counts(train_item_counts: np.ndarray, targets: np.ndarray,
+                           seen: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The popularity ranker's (rank, ties) per example: items ordered by train interactions.
+
+  rank = 1 + the items with more train interactions than the target, ties = the other items with
+  as many (so the `ties` rules apply as to a model's scores). `seen` (a padded id list [n, S],
+  entries outside 0..N-1 ignored, repeats counted once) is excluded as the evaluation excludes it;
+  the target itself never is. O(n S + N log N), no [n, N] array.
+  """
+  counts = np.asarray(train_item_counts)
+  targets = np.asarray(targets, np.int64)
+  ordered = np.sort(counts)
+  c = counts[targets]
+  right = np.searchsorted(ordered, c, 'right')
+  above = counts.size - right
+  ties = right - np.searchsorted(ordered, c, 'left') - 1
+  if seen is not None and seen.size:
+    seen = np.sort(np.asarray(seen, np.int64), axis=1)
+    first = np.ones(seen.shape, bool)
+    first[:, 1:] = seen[:, 1:] != seen[:, :-1]
+    valid = first & (seen >= 0) & (seen < counts.size) & (seen != targets[:, None])
+    seen_counts = counts[np.clip(seen, 0, counts.size - 1)]
+    above = above - np.sum(valid & (seen_counts > c[:, None]), axis=1)
+    ties = ties - np.sum(valid & (seen_counts == c[:, None]), axis=1)
+  return (above + 1).astype(np.int64), ties.astype(np.int64)
+
+
 def new_item_params(params: Any, new_items: np.ndarray, initial: Any | None = None) -> Any:
   """`params` with the new items' rows of every `id_table` [N + 1, ...] replaced.
 
@@ -133,14 +196,16 @@ def new_item_params(params: Any, new_items: np.ndarray, initial: Any | None = No
   same tree at initialisation) or, with `initial` None, zeros (as `serving.extend_model` places a
   new item: its text row and a zero ID row). Other leaves are returned as they are.
   """
-  keep = jnp.asarray(~np.append(np.asarray(new_items, bool), False))  # The pad row is kept.
+  keep = ~np.append(np.asarray(new_items, bool), False)  # The pad row is kept.
   rows = keep.shape[0]
 
   def reset(path, leaf, *start):
-    if getattr(path[-1], 'key', None) != 'id_table' or leaf.shape[0] != rows:
+    # Tables sharded over a 'model' axis have extra zero rows past the pad row: kept as well.
+    if getattr(path[-1], 'key', None) != 'id_table' or leaf.shape[0] < rows:
       return leaf
     fill = start[0] if start else jnp.zeros_like(leaf)
-    return jnp.where(keep.reshape((rows,) + (1,) * (leaf.ndim - 1)), leaf, fill)
+    mask = jnp.asarray(np.pad(keep, (0, leaf.shape[0] - rows), constant_values=True))
+    return jnp.where(mask.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, fill)
 
   trees = (params,) if initial is None else (params, initial)
   return jax.tree_util.tree_map_with_path(reset, *trees)
@@ -195,16 +260,26 @@ class Evaluator:
       if not registry.get_pipeline(config.embedding.pipeline).text_map:
         self._initial = initial_params(model, config)
     self.columns = rank_columns(bool(self.sampled_negatives), self.new_items is not None)
-    self._step = dp.map(
-        make_eval_step(model, chunk_size=config.eval.item_chunk_size,
-                       sampled_negatives=self.sampled_negatives,
-                       sampled_key=jax.random.key(config.eval.sampled_seed),
-                       new_items=self.new_items),
-        ('replicated', 'replicated', 'sharded'), 'sharded')
+    step = make_eval_step(model, chunk_size=config.eval.item_chunk_size,
+                          sampled_negatives=self.sampled_negatives,
+                          sampled_key=jax.random.key(config.eval.sampled_seed),
+                          new_items=self.new_items, sharded_items=dp.sharded_items)
+    table = lambda p: model.apply({'params': p}, deterministic=True, method='item_table')
     # The last pass: [n, len(columns)], the columns of `rank_columns`.
     self.last_ranks: np.ndarray | None = None
-    self._table = jax.jit(lambda p: model.apply({'params': p}, deterministic=True,
-                                                method='item_table'))
+    if dp.sharded_items:
+      # Frozen tables as sharded arguments; the scoring table padded and sharded like them.
+      tables, frozen = builders.frozen_item_tables(dp, model)
+      step = emb_base.with_frozen_args(step, tables)
+      padded = lambda p: emb_base.pad_rows(table(p), dp.model_shards)
+      table_fn = jax.jit(emb_base.with_frozen_args(padded, tables),
+                         out_shardings=dp.item_table_sharding())
+      self._table = lambda p: table_fn(frozen, p)
+      mapped = dp.map(step, ('replicated',) * 3 + ('sharded',), 'sharded')
+      self._step = lambda *args: mapped(frozen, *args)
+    else:
+      self._table = jax.jit(table)
+      self._step = dp.map(step, ('replicated', 'replicated', 'sharded'), 'sharded')
     # Steady-state speed: the first pass (which compiles) is not counted.
     self.seconds = 0.0
     self.examples = 0
@@ -291,6 +366,13 @@ class Evaluator:
     if self.new_items is not None:
       result[NEW_ITEMS] = self._summary(ranks, 'new_')
     return result
+
+  def popularity(self) -> dict[str, float]:
+    """The popularity ranker's metrics on this split (the baseline a model must beat), with the
+    same exclusions and tie rule as the model's."""
+    rank, ties = popularity_rank_counts(self.dataset.train_item_counts,
+                                        self.arrays['target'], self.arrays.get('seen'))
+    return metrics_lib.summarize_ranks(rank, ks=self.ks, ties=ties, rule=self.ties)
 
   def save_ranks(self, path: str) -> None:
     """Writes the last pass's ranks and ties with each example's target and position (npz).

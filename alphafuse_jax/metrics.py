@@ -277,24 +277,51 @@ def target_rank_counts_chunked(states: Array, item_table: Array, targets: Array,
   """
   num_items = item_table.shape[0]
   targets = targets.astype(jnp.int32)
-  target_score = jnp.einsum('bh,bh->b', states, jnp.take(item_table, targets, axis=0))[:, None]
-  chunks, starts = _chunked_table(item_table, chunk_size)
-  kind, data = _chunk_exclusion(exclude, targets, num_items, chunk_size)
+  target_score = jnp.einsum('bh,bh->b', states, jnp.take(item_table, targets, axis=0))
+  above, tied = shard_rank_counts_chunked(states, item_table, target_score, targets, exclude,
+                                          offset=0, num_items=num_items, chunk_size=chunk_size)
+  is_nan = jnp.isnan(target_score)
+  return jnp.where(is_nan, num_items - 1, above), jnp.where(is_nan, 0, tied)
+
+
+def shard_rank_counts_chunked(states: Array, shard: Array, target_score: Array, targets: Array,
+                              exclude: Array | None = None, *, offset: Array | int,
+                              num_items: int, chunk_size: int) -> tuple[Array, Array]:
+  """`target_rank_counts_chunked`'s counts over one shard of the catalogue's rows.
+
+  `shard` [R, h] holds the items offset .. offset + R - 1 (rows at or past `num_items`, the
+  padding of a table sharded over devices, never count); summed over the shards of a table, the
+  counts are those of the whole table. The target's score [B] comes from the caller (its row may
+  sit on another shard), and a NaN one is the caller's to handle. `exclude`: None or a padded
+  index list int [B, S] of global ids (entries >= num_items or < 0 ignored).
+  """
+  targets = targets.astype(jnp.int32)
+  rows = shard.shape[0]
+  chunk_size = min(chunk_size, rows)
+  chunks, starts = _chunked_table(shard, chunk_size)
+  if exclude is not None and exclude.dtype == jnp.bool_:
+    kind, data = _chunk_exclusion(exclude, targets, num_items, chunk_size)
+    if rows != num_items:
+      raise ValueError('A boolean exclude mask needs the whole table (one shard).')
+  else:
+    kind, data = _chunk_exclusion(exclude, targets, num_items, chunk_size)
+    data = None if data is None else jnp.where(data >= 0, data - offset, -1)  # Shard-local ids.
+  threshold = target_score[:, None]
 
   def count_chunk(counts, chunk_and_start):
     chunk, start = chunk_and_start
     scores = _mask_chunk(states @ chunk.T, start, kind, data)  # [B, C]
-    ids = start + jnp.arange(chunk_size, dtype=jnp.int32)
-    # Real items other than the target.
-    counted = (ids[None, :] < num_items) & (ids[None, :] != targets[:, None])
-    above = jnp.sum((scores > target_score) & counted, axis=1, dtype=jnp.int32)
-    tied = jnp.sum((scores == target_score) & counted, axis=1, dtype=jnp.int32)
+    ids = offset + start + jnp.arange(chunk_size, dtype=jnp.int32)
+    # Real items (of this shard, not padding) other than the target.
+    counted = ((ids[None, :] < num_items) & (ids[None, :] < offset + rows)
+               & (ids[None, :] != targets[:, None]))
+    above = jnp.sum((scores > threshold) & counted, axis=1, dtype=jnp.int32)
+    tied = jnp.sum((scores == threshold) & counted, axis=1, dtype=jnp.int32)
     return (counts[0] + above, counts[1] + tied), None
 
   zeros = jnp.zeros(targets.shape, jnp.int32)
   (above, tied), _ = jax.lax.scan(count_chunk, (zeros, zeros), (chunks, starts))
-  is_nan = jnp.isnan(target_score[:, 0])
-  return jnp.where(is_nan, num_items - 1, above), jnp.where(is_nan, 0, tied)
+  return above, tied
 
 
 def target_ranks_chunked(states: Array, item_table: Array, targets: Array,

@@ -11,6 +11,14 @@ over the axis named `'data'`. `DataParallel` maps them over every device of ever
 
 Batches arrive from the host as numpy with leading dims `[local_devices, per_device, ...]`
 (`alphafuse_jax.data.batches`), the layout pmap consumes directly.
+
+Item tables sharded along the item axis (`model_shards` = M > 1, shard_map only): the mesh is 2-D,
+('data' D / M, 'model' M). The mapped functions are manual over 'data' only (`jax.shard_map` with
+`axis_names={'data'}`): their per-device code and collectives are unchanged, while every array
+placed with `place_state` (the ID tables and their optimizer moments, whose rows are padded to a
+multiple of M) or `place_item_table` lives 1/M on each device of a 'model' group, and XLA's SPMD
+partitioner makes the lookups and scores on them correct across shards. Code that must see its
+own shard (the evaluation's per-shard rank counts) nests `over_items`, manual over 'model'.
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = 'data'
+MODEL_AXIS = 'model'
 MODES = ('shard_map', 'pmap')
+# A state leaf is an item table (sharded along 'model') when a key on its path is one of these.
+ITEM_TABLE_KEYS = ('id_table',)
 
 
 def force_host_devices(count: int | None = None) -> None:
@@ -82,19 +93,58 @@ def memory_stats(devices: Sequence[Any] | None = None) -> dict[str, int] | None:
   return out or None
 
 
-class DataParallel:
-  """Maps per-device functions over all devices, replicates state and places batches."""
+def over_items(fn: Callable, in_specs: Any, out_specs: Any) -> Callable:
+  """`fn` manual over the 'model' axis too, inside a mapped function of a 2-D mesh: an argument
+  with spec P('model') arrives as this device's shard of items (see `item_shard_offset`)."""
+  return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
+                       out_specs=out_specs, axis_names={MODEL_AXIS}, check_vma=False)
 
-  def __init__(self, mode: str = 'shard_map'):
+
+def item_shard_offset(shard_rows: int) -> jax.Array:
+  """Inside `over_items`: the global row of this device's first item row."""
+  return jax.lax.axis_index(MODEL_AXIS) * shard_rows
+
+
+def is_item_table(path: Sequence[Any]) -> bool:
+  """Whether a pytree path (of params or optimizer state) leads to an item table."""
+  return any(getattr(k, 'key', getattr(k, 'name', None)) in ITEM_TABLE_KEYS for k in path)
+
+
+class DataParallel:
+  """Maps per-device functions over all devices, replicates state and places batches.
+
+  `model_shards` M > 1 (shard_map only) shards the item tables over a 'model' mesh axis of M
+  devices; batches are split over the D / M groups of the 'data' axis (module docstring).
+  """
+
+  def __init__(self, mode: str = 'shard_map', model_shards: int = 1):
     if mode not in MODES:
       raise ValueError(f'config.parallelism={mode!r} is not one of {MODES}.')
     self.mode = mode
     self.local_devices = jax.local_devices()
     self.num_local_devices = len(self.local_devices)
     self.num_devices = jax.device_count()
-    self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+    self.model_shards = int(model_shards)
+    if self.model_shards > 1 and mode != 'shard_map':
+      raise ValueError(f'config.model_shards={model_shards} needs config.parallelism='
+                       "'shard_map' (pmap replicates every parameter on every device).")
+    if self.model_shards < 1 or self.num_devices % self.model_shards:
+      raise ValueError(f'config.model_shards={model_shards} must be >= 1 and divide the '
+                       f'{self.num_devices} devices.')
+    if self.model_shards > 1:
+      devices = np.asarray(jax.devices()).reshape(-1, self.model_shards)
+      self.mesh = Mesh(devices, (AXIS, MODEL_AXIS))
+    else:
+      self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
     self._replicated = NamedSharding(self.mesh, P())
     self._sharded = NamedSharding(self.mesh, P(AXIS))
+    # Item-axis arrays: rows over 'model'; replicated without one.
+    self._items = NamedSharding(self.mesh, P(MODEL_AXIS) if self.model_shards > 1 else P())
+
+  @property
+  def sharded_items(self) -> bool:
+    """Whether item tables are sharded over a 'model' axis (model_shards > 1)."""
+    return self.model_shards > 1
 
   # ---- state -------------------------------------------------------------------------------
   def replicate(self, tree: Any) -> Any:
@@ -106,11 +156,47 @@ class DataParallel:
     # device_put of those onto a multi-process mesh is an (unsupported) cross-host transfer.
     return jax.device_put(jax.tree.map(np.asarray, tree), self._replicated)
 
+  def place_state(self, tree: Any) -> Any:
+    """`replicate`, except that item tables (`is_item_table`) are sharded along their rows over
+    the 'model' axis when model_shards > 1 (their rows are a multiple of it)."""
+    if not self.sharded_items:
+      return self.replicate(tree)
+
+    def place(path, x):
+      x = np.asarray(x)
+      item = is_item_table(path) and x.ndim >= 1 and x.shape[0] % self.model_shards == 0
+      return jax.device_put(x, self._items if item else self._replicated)
+
+    return jax.tree_util.tree_map_with_path(place, tree)
+
+  def place_item_table(self, x: Any) -> Any:
+    """A [R, ...] item-axis array (R a multiple of model_shards) sharded over 'model'."""
+    return jax.device_put(np.asarray(x), self._items)
+
+  def item_constant(self, key: Any, make: Callable[[], np.ndarray]) -> jax.Array:
+    """`place_item_table(make())`, placed once per `key` and shared (a frozen table that the
+    train and eval steps both read)."""
+    cache = self.__dict__.setdefault('_item_constants', {})
+    if key not in cache:
+      cache[key] = self.place_item_table(make())
+    return cache[key]
+
+  def item_table_sharding(self) -> NamedSharding:
+    """The sharding of item-axis arrays (rows over 'model'; replicated when M = 1)."""
+    return self._items
+
   def unreplicate(self, tree: Any) -> Any:
-    """One host copy (numpy) of replicated state."""
+    """One host copy (numpy) of replicated (or item-sharded) state."""
     if self.mode == 'pmap':
       return jax.tree.map(lambda x: np.asarray(x[0]), tree)
-    return jax.tree.map(np.asarray, tree)
+
+    def host(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      return np.asarray(x)
+
+    return jax.tree.map(host, tree)
 
   # ---- batches -----------------------------------------------------------------------------
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -128,7 +214,9 @@ class DataParallel:
     if self.mode == 'pmap':
       x = np.asarray(x)
       return x.reshape((-1,) + x.shape[2:])
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    # One copy of each row block: with a 'model' axis every block sits on M devices.
+    shards = sorted((s for s in x.addressable_shards if s.replica_id == 0),
+                    key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
 
   # ---- mapping -----------------------------------------------------------------------------
@@ -138,8 +226,9 @@ class DataParallel:
 
     Args:
       fn: the per-device function; may use collectives over axis `'data'`.
-      in_kinds: per positional argument, 'replicated' (same on every device) or 'sharded'
-        (split on the leading axis).
+      in_kinds: per positional argument, 'replicated' (same on every device; with a 'model'
+        axis, item tables in it keep their row sharding) or 'sharded' (split on the leading
+        axis over 'data').
       out_kinds: a pytree prefix of the outputs with the same two words.
       donate_argnums: arguments whose buffers the step may reuse (the train state).
     """
@@ -152,6 +241,8 @@ class DataParallel:
     out_specs = jax.tree.map(spec, out_kinds)
     # check_vma=False gives pmap semantics: gradients of replicated inputs stay per-device
     # (no implicit psum), so the step's explicit pmean is the one reduction in both modes.
+    # With a 'model' axis, only 'data' is manual: XLA partitions the item-sharded arrays.
+    manual = {AXIS} if self.sharded_items else set(self.mesh.axis_names)
     mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                           check_vma=False)
+                           axis_names=manual, check_vma=False)
     return jax.jit(mapped, donate_argnums=tuple(donate_argnums))

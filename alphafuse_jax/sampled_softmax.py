@@ -251,9 +251,13 @@ class SampledSoftmax(losses.Objective):
                        f'{num_items}: build both from the same dataset.')
     return tables
 
+  def negative_ids(self, key: Array, num_items: int) -> Array:
+    """int32 [K] shared negatives drawn from Q with `key` (`shared_negatives`' ids)."""
+    return self.item_tables(num_items).sample(key, self.num_negatives)
+
   def shared_negatives(self, key: Array, lookup, num_items: int) -> dict[str, Array]:
     """{'ids': int32 [K] drawn from Q, 'embeddings': [K, h] = lookup(ids)}, once per step."""
-    ids = self.item_tables(num_items).sample(key, self.num_negatives)
+    ids = self.negative_ids(key, num_items)
     return {'ids': ids, 'embeddings': lookup(ids)}
 
   def batch_loss(self, states: Array, positives: Array, targets: Array, weights: Array,

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from absl import logging
+from flax import struct
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,9 @@ from alphafuse_jax import files
 from alphafuse_jax import metric_writers
 from alphafuse_jax import parallel
 from alphafuse_jax.data import grain_input
+from alphafuse_jax.embeddings import base as embeddings_base
 from alphafuse_jax import precision
+from alphafuse_jax import sparse_updates
 from alphafuse_jax import step_monitor
 from alphafuse_jax.models import base
 
@@ -53,7 +56,12 @@ NonFiniteLossError = step_monitor.NonFiniteLossError
 
 
 class TrainState(train_state.TrainState):
-  """Flax TrainState; `step` counts optimiser updates over the whole run."""
+  """Flax TrainState; `step` counts optimiser updates over the whole run.
+
+  `sparse_item_updates` (config.train.sparse_item_updates, static): the step updates only the
+  item-table rows it touches, and `opt_state` is `sparse_updates.init_state`'s.
+  """
+  sparse_item_updates: bool = struct.field(pytree_node=False, default=False)
 
 
 # ---- the workdir ---------------------------------------------------------------------------
@@ -94,8 +102,14 @@ def init_params(model: base.Recommender, key: jax.Array) -> Any:
 
 def create_train_state(model: base.Recommender, config: ml_collections.ConfigDict,
                        key: jax.Array) -> TrainState:
-  return TrainState.create(apply_fn=model.apply, params=init_params(model, key),
-                           tx=make_optimizer(config))
+  """A fresh state; with config.train.sparse_item_updates the optimizer state is split into the
+  other params' and the item tables' (`sparse_updates.init_state`)."""
+  if not config.train.get('sparse_item_updates', False):
+    return TrainState.create(apply_fn=model.apply, params=init_params(model, key),
+                             tx=make_optimizer(config))
+  params, tx = init_params(model, key), make_optimizer(config)
+  return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
+                    opt_state=sparse_updates.init_state(tx, params), sparse_item_updates=True)
 
 
 def count_params(tree: Any) -> int:
@@ -111,7 +125,8 @@ def make_train_step(model: base.Recommender, base_key: jax.Array, *,
   the last batch) and index [b] (the row's position in the global batch, which seeds its dropout
   and sampling, so the result does not depend on how the batch is split over devices).
   `compute_dtype` (config.train.compute_dtype) is the layers' dtype; parameters, gradients, the
-  optimiser and the returned float32 loss stay float32 (`precision`).
+  optimiser and the returned float32 loss stay float32 (`precision`). A state with
+  `sparse_item_updates` takes `sparse_updates.train_step`.
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -122,8 +137,7 @@ def make_train_step(model: base.Recommender, base_key: jax.Array, *,
     # This device's key for the batch-level terms (they couple rows, so they are per device).
     batch_key = jax.random.fold_in(table_key, jax.lax.axis_index(parallel.AXIS) + 1)
 
-    def loss_fn(params):
-      params = precision.cast_floating(params, compute_dtype)  # float32 grads flow through it.
+    def model_loss(params):  # params in the compute dtype.
       variables = {'params': params}
       table = model.apply(variables, rngs=base.rng_streams(table_key), method='train_table')
       per_row, weights = model.batch_example_loss(
@@ -137,6 +151,14 @@ def make_train_step(model: base.Recommender, base_key: jax.Array, *,
                                 deterministic=False, rngs=base.rng_streams(batch_key),
                                 method='batch_loss')
 
+    def loss_fn(params):
+      # float32 grads flow through the cast.
+      return model_loss(precision.cast_floating(params, compute_dtype))
+
+    if state.sparse_item_updates:  # The shared negatives' rows are gathered before the loss.
+      negatives = model.apply({'params': state.params}, rngs=base.rng_streams(table_key),
+                              method='shared_negative_ids')
+      return sparse_updates.train_step(state, batch, negatives, model_loss, compute_dtype)
     with precision.compute_in(compute_dtype):  # Also while custom VJPs trace their backward.
       loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grads = jax.lax.pmean(grads, parallel.AXIS)
@@ -169,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_workdir(workdir)
     lock = checkpointing.WorkdirLock(workdir) if is_chief else None
     checkpointing.check_config_record(workdir, config)
-    dp = parallel.DataParallel(config.parallelism)
+    dp = parallel.DataParallel(config.parallelism, config.get('model_shards', 1))
     # The Grain input reads the train split from disk: its arrays stay out of host memory.
     dataset = data_lib.load(config.data, train_arrays=config.data.input != 'grain')
     model = build_model(config, dataset)
@@ -232,8 +254,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
 
   steps_per_epoch = train_input.steps_per_epoch
   compute_dtype = precision.compute_dtype(config.train.compute_dtype)
-  train_step = dp.map(make_train_step(model, train_key, compute_dtype=compute_dtype),
-                      ('replicated', 'sharded'), ('replicated', 'replicated'), donate_argnums=(0,))
+  train_step = map_train_step(dp, model,
+                              make_train_step(model, train_key, compute_dtype=compute_dtype))
   # Losses stay on the device and are read every log_every_steps (and before every checkpoint);
   # only where parallel.needs_step_sync says so (XLA CPU, several devices) is each step read.
   sync = (parallel.needs_step_sync() if config.sync_every_step is None
@@ -244,7 +266,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
   every = config.train.checkpoint_every_steps
   stop_after = config.train.stop_after_steps  # Tests: simulate a kill mid-run.
 
-  rstate = dp.replicate(state)
+  rstate = dp.place_state(state)  # Replicated; item tables sharded over 'model' (if any).
   epoch = progress.epochs_done
   while not progress.finished and epoch < config.train.num_epochs:
     step = int(state.step)
@@ -310,7 +332,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
   train_input.close()
 
   # Test once, from the best checkpoint.
-  best_params = dp.replicate(ckpt.restore_best(state.params))
+  best_params = dp.place_state(ckpt.restore_best(state.params))
   val_result = val_eval.evaluate(best_params)
   test_eval = evaluation.Evaluator(dp, model, config, dataset, 'test')
   test_groups = test_eval.evaluate(best_params, groups=True)
@@ -322,6 +344,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
       'val': val_result,
       'test': test_groups.pop('overall'),
       'test_groups': test_groups,
+      # The popularity ranker on the same test examples (train counts; same exclusions).
+      'test_popularity': test_eval.popularity(),
       'best_epoch': progress.best_epoch,
       'epochs': progress.epochs_done,
       'train_sequences_per_second': progress.train_sequences / max(progress.train_seconds, 1e-9),
@@ -353,6 +377,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
     from alphafuse_jax import inference_artifacts  # pylint: disable=g-import-not-at-top
     inference_artifacts.save(workdir, config, dataset)
   return results
+
+
+def map_train_step(dp: parallel.DataParallel, model: base.Recommender, step) -> Any:
+  """`step(state, batch)` mapped over the devices, the state donated.
+
+  With item tables sharded over a 'model' axis (`dp.sharded_items`), the frozen language tables
+  are arguments too, sharded like the ID tables (`builders.frozen_item_tables`), instead of
+  constants every device would hold whole.
+  """
+  if not dp.sharded_items:
+    return dp.map(step, ('replicated', 'sharded'), ('replicated', 'replicated'),
+                  donate_argnums=(0,))
+  tables, frozen = builders.frozen_item_tables(dp, model)
+  mapped = dp.map(embeddings_base.with_frozen_args(step, tables),
+                  ('replicated', 'replicated', 'sharded'), ('replicated', 'replicated'),
+                  donate_argnums=(1,))
+  return lambda state, batch: mapped(frozen, state, batch)
 
 
 def _show_losses(values: list[float], step: int, bar: tqdm.tqdm,

@@ -289,6 +289,12 @@ def get_config() -> config_dict.ConfigDict:
   config.train.l2 = 1e-6
   # 'adam_l2' (reference), 'adamw', or 'sgd' (+ coupled L2).
   config.train.optimizer = 'adam_l2'
+  # Update only the item-table rows a step touches (its histories, targets and shared negatives;
+  # TF Addons' LazyAdam): the step's cost then does not grow with N. Untouched rows' moments and
+  # L2 do not decay that step, so it is not bit-equal to the dense update. Needs loss=
+  # 'sampled_softmax', the SASRec backbone and pipeline 'id', 'llminit' or 'alphafuse'
+  # (alphafuse_jax/sparse_updates.py). False: the dense update of every row.
+  config.train.sparse_item_updates = False
   # Dtype of the train step's layers: 'float32' or 'bfloat16' (mixed precision: parameters,
   # optimiser state, gradients and the loss stay float32; alphafuse_jax/precision.py).
   # Evaluation always runs in float32.
@@ -310,6 +316,10 @@ def get_config() -> config_dict.ConfigDict:
   config.train.stop_after_steps = 0
   # Data parallelism: 'shard_map' (default: one jit over the device mesh) or 'pmap'.
   config.parallelism = 'shard_map'
+  # Item-table sharding: the devices form a ('data', 'model') mesh with this many on 'model'; the
+  # ID tables, their optimizer moments and the frozen language tables live 1/model_shards on each
+  # (rows padded to a multiple of it). 1 (default): every device holds whole tables.
+  config.model_shards = 1
 
   # Evaluation.
   config.eval = config_dict.ConfigDict()

@@ -13,7 +13,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'alphafuse_jax'
 LAYERS = (
     ('files', 'errors', 'basic_layers', 'decomposition', 'streaming_decomposition', 'diffusion',
-     'losses', 'sampled_softmax', 'chunked_ce', 'metrics', 'parallel', 'precision'),
+     'losses', 'sampled_softmax', 'chunked_ce', 'metrics', 'parallel', 'precision',
+     'sparse_updates'),
     ('data',),
     ('text',),
     ('embeddings',),

@@ -201,8 +201,10 @@ sys.path.insert(0, '.')
 from tests.test_train import make_config
 overrides = json.loads(sys.argv[1])
 for mode in sys.argv[3:]:
-  config = make_config(dict(overrides, **{'parallelism': mode, 'train.stop_after_steps': 5}))
-  workdir = pathlib.Path(sys.argv[2]) / mode
+  parallelism, _, shards = mode.partition('/')  # 'shard_map/4': item tables over 4 devices.
+  config = make_config(dict(overrides, **{'parallelism': parallelism, 'train.stop_after_steps': 5,
+                                          'model_shards': int(shards or 1)}))
+  workdir = pathlib.Path(sys.argv[2]) / mode.replace('/', '_')
   assert train.train_and_evaluate(config, str(workdir)) is None
   mngr = ocp.CheckpointManager(str(workdir / 'checkpoints'))
   restored = mngr.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -220,7 +222,7 @@ def _params_after_5_steps(overrides, workdir, devices, modes):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   out = {}
   for mode in modes:
-    with np.load(workdir / mode / 'params.npz') as f:
+    with np.load(workdir / mode.replace('/', '_') / 'params.npz') as f:
       out[mode] = [f[k] for k in sorted(f.files, key=lambda s: int(s.split('_')[1]))]
   return out
 
@@ -230,12 +232,20 @@ def test_shard_map_pmap_and_device_counts_agree(synthetic, tmp_path):
   # instead of averaged over devices) and amplify float noise on near-zero gradients.
   overrides = dict(synthetic, **{'model.dropout_rate': 0.1, 'train.optimizer': 'sgd',
                                  'train.learning_rate': 0.5})
-  eight = _params_after_5_steps(overrides, tmp_path / 'eight', 8, ['shard_map', 'pmap'])
+  eight = _params_after_5_steps(overrides, tmp_path / 'eight', 8,
+                                ['shard_map', 'pmap', 'shard_map/4'])
   one = _params_after_5_steps(overrides, tmp_path / 'one', 1, ['shard_map'])
-  for a, b, c in zip(eight['shard_map'], eight['pmap'], one['shard_map']):
+  for a, b, c, d in zip(eight['shard_map'], eight['pmap'], one['shard_map'],
+                        eight['shard_map/4']):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # Dropout and negatives follow each row's global index, so 1 and 8 devices agree too.
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+    # A ('data' 2, 'model' 4) mesh with the item tables sharded (model_shards=4): the same
+    # params; its ID table has zero rows padding it to a multiple of 4.
+    if d.shape != c.shape:
+      np.testing.assert_array_equal(d[c.shape[0]:], 0.0)
+      d = d[:c.shape[0]]
+    np.testing.assert_allclose(d, c, rtol=1e-5, atol=1e-5)
 
 
 def test_nonfinite_loss_stops_at_named_step(synthetic, tmp_path, monkeypatch):

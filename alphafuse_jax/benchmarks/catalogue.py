@@ -24,6 +24,12 @@ The sizes are timed round-robin (one block of steps per size per round, --rounds
 change of machine load hits every size alike; the medians and their ratio to the smallest N are
 printed with the float32 matmul rate. 'ce' (the full softmax) is timed too up to --ce_max_items,
 for the "which loss" comparison. Also written to --out_dir/catalogue.json.
+
+--sparse_item_updates times the same sampled-softmax points with config.train.sparse_item_updates
+(`sparse_updates`: only the rows a step touches are gathered, differentiated and updated); 'grads'
+is then the gradient of those rows ([U, d]) and 'optimizer' the dense update of the other params
+plus the lazy update of U rows. 'ce' is left out (it cannot be sparse); the results go to
+--out_dir/catalogue_sparse.json.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import numpy as np
 from alphafuse_jax import builders
 from alphafuse_jax import files
 from alphafuse_jax import parallel
+from alphafuse_jax import sparse_updates
 from alphafuse_jax import train
 from alphafuse_jax.benchmarks import sweep
 from alphafuse_jax.models import base
@@ -59,6 +66,8 @@ _HIDDEN = flags.DEFINE_integer('hidden', 128, 'Item embedding width h (AlphaFuse
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Round-robin rounds over the sizes.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed calls per size per round.')
 _CE_MAX = flags.DEFINE_integer('ce_max_items', 100_000, "Also time loss='ce' up to this N.")
+_SPARSE = flags.DEFINE_bool('sparse_item_updates', False, 'Time the sampled-softmax steps with '
+                            'config.train.sparse_item_updates (row-sparse item-table updates).')
 # --out_dir (where catalogue.json goes) and --quick (tiny sizes, one round) are sweep.py's flags.
 _OUT, _QUICK = sweep._OUT_DIR, sweep._QUICK  # pylint: disable=protected-access
 
@@ -87,6 +96,7 @@ def _config(pipeline: str, loss: str):
   if loss == 'sampled_softmax':
     config.train.sampler = _SAMPLER.value
     config.train.in_batch_negatives = _IN_BATCH.value
+    config.train.sparse_item_updates = _SPARSE.value
   return config
 
 
@@ -106,12 +116,8 @@ def _host_batches(counts: np.ndarray, count: int = 4) -> list[dict[str, np.ndarr
   return out
 
 
-def _grads_fn(model, key, frozen_tables: bool = False):
-  """The step's loss and gradient without the optimizer (as train.make_train_step's loss_fn).
-
-  frozen_tables: no gradient for the [N + 1, d] item tables (so no dense cotangent of theirs):
-  what is left grows with N only if the loss itself does.
-  """
+def _loss_fn(model, key):
+  """(params, batch) -> the step's loss (as train.make_train_step's loss_fn, one device)."""
 
   def loss_fn(params, batch):
     table_key, example_key = jax.random.split(key)
@@ -122,6 +128,55 @@ def _grads_fn(model, key, frozen_tables: bool = False):
                                                batch['mask'], keys, table)
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
+  return loss_fn
+
+
+def _sparse_grads_fn(model, key):
+  """The sparse step's loss and gradient (sparse_updates.train_step without its update): the
+  touched rows gathered, the loss through them, the gradient of the rows [U, d]."""
+  loss_fn = _loss_fn(model, key)
+
+  def grads(params, batch):
+    table_key = jax.random.split(key)[0]
+    negatives = model.apply({'params': params}, rngs=base.rng_streams(table_key),
+                            method='shared_negative_ids')
+    rest, tables = sparse_updates.split_tables(params)
+    ids = sparse_updates.touched_ids(batch['history'], batch['target'], negatives,
+                                     sparse_updates.table_rows(tables))
+    rows = sparse_updates.gather_tables(tables, ids)
+    partial = lambda rest, rows: loss_fn(
+        sparse_updates.merge_tables(rest, sparse_updates.gathered(tables, rows, ids)), batch)
+    return jax.value_and_grad(partial, argnums=(0, 1))(rest, rows)
+
+  return jax.jit(grads)
+
+
+def _sparse_update_fn(tx, params, host_batch):
+  """The sparse step's optimizer with zero gradients: the dense update of the other params and
+  the lazy update of the rows `host_batch` touches (K stand-in negatives)."""
+  tables = sparse_updates.split_tables(params)[1]
+  ids = sparse_updates.touched_ids(host_batch['history'], host_batch['target'],
+                                   jnp.arange(_NEGATIVES.value), sparse_updates.table_rows(tables))
+
+  def update(params, opt_state):
+    rest, tables = sparse_updates.split_tables(params)
+    updates, dense = tx.update(jax.tree.map(jnp.zeros_like, rest), opt_state['dense'], rest)
+    rows = sparse_updates.gather_tables(tables, ids)
+    tables, items = sparse_updates.lazy_update(tx, tables, opt_state['items'], ids, rows,
+                                               jax.tree.map(jnp.zeros_like, rows))
+    return (sparse_updates.merge_tables(jax.tree.map(jnp.add, rest, updates), tables),
+            {'dense': dense, 'items': items})
+
+  return update
+
+
+def _grads_fn(model, key, frozen_tables: bool = False):
+  """The step's loss and gradient without the optimizer (as train.make_train_step's loss_fn).
+
+  frozen_tables: no gradient for the [N + 1, d] item tables (so no dense cotangent of theirs):
+  what is left grows with N only if the loss itself does.
+  """
+  loss_fn = _loss_fn(model, key)
   if not frozen_tables:
     return jax.jit(jax.value_and_grad(loss_fn))
   is_table = lambda x: x.ndim == 2 and x.shape[0] == model.num_items + 1
@@ -167,16 +222,20 @@ class Point:
     analysis = self.step.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     self.step_bytes = float((analysis or {}).get('bytes accessed', float('nan')))
-    self.grads = _grads_fn(model, train_key)
+    self.sparse = state.sparse_item_updates
+    self.grads = (_sparse_grads_fn if self.sparse else _grads_fn)(model, train_key)
     self.grads_frozen = _grads_fn(model, train_key, frozen_tables=True)
     self.host_batch0 = {k: v[0] for k, v in self.batches[0].items()}
     tx = train.make_optimizer(config)
-    opt_state = tx.init(state.params)
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    if self.sparse:
+      update, opt_state = _sparse_update_fn(tx, state.params, self.host_batch0), state.opt_state
+    else:
+      opt_state = tx.init(state.params)
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
 
-    def update(params, opt_state):
-      updates, opt_state = tx.update(zeros, opt_state, params)
-      return jax.tree.map(jnp.add, params, updates), opt_state
+      def update(params, opt_state):
+        updates, opt_state = tx.update(zeros, opt_state, params)
+        return jax.tree.map(jnp.add, params, updates), opt_state
 
     self.update = jax.jit(update, donate_argnums=(0, 1))
     self.opt = (state.params, opt_state)
@@ -213,7 +272,7 @@ class Point:
   def result(self) -> dict[str, Any]:
     out = dict(pipeline=self.pipeline, loss=self.loss, num_items=self.num_items,
                params=self.params, compile_s=self.compile_s, step_bytes=self.step_bytes,
-               steps_timed=len(self.times['step']))
+               steps_timed=len(self.times['step']), sparse_item_updates=bool(self.sparse))
     for name, values in self.times.items():
       out[f'{name}_ms'] = 1e3 * statistics.median(values)
     return out
@@ -238,7 +297,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
            'frozen, ms | optimizer ms | step GB accessed | compile s |', '|' + '---|' * 11]
   for r in results:
     lines.append(' | '.join([
-        f'| {r["pipeline"]}', r['loss'], f'{r["num_items"]:,}', f'{r["params"]:,}',
+        f'| {r["pipeline"]}', r['loss'] + (' (sparse)' if r.get('sparse_item_updates') else ''),
+        f'{r["num_items"]:,}', f'{r["params"]:,}',
         f'{r["step_ms"]:.1f}', f'{r["ratio"]:.2f}', f'{r["grads_ms"]:.1f}',
         f'{r["grads_frozen_tables_ms"]:.1f}', f'{r["optimizer_ms"]:.1f}',
         f'{r["step_bytes"] / 1e9:.2f}', f'{r["compile_s"]:.1f}']) + ' |')
@@ -264,7 +324,7 @@ def main(argv):
   dp = parallel.DataParallel('shard_map')
   results = []
   for pipeline in _PIPELINES.value:
-    for loss in ('sampled_softmax', 'ce'):
+    for loss in ('sampled_softmax',) + (() if _SPARSE.value else ('ce',)):
       points = []
       for n in sizes:
         if loss == 'ce' and n > _CE_MAX.value:
@@ -289,7 +349,8 @@ def main(argv):
   print(markdown_table(results))
   out_dir = os.path.abspath(_OUT.value)
   os.makedirs(out_dir, exist_ok=True)
-  files.write_json(os.path.join(out_dir, 'catalogue.json'),
+  name = 'catalogue_sparse.json' if _SPARSE.value else 'catalogue.json'
+  files.write_json(os.path.join(out_dir, name),
                    {'matmul_flop_per_s': peak, 'memory_bytes_per_s': bandwidth,
                     'results': results, 'quick': _QUICK.value})
 

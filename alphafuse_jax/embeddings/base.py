@@ -13,18 +13,30 @@ gradients and no optimiser state, and `init` returns only the trainable leaves u
 Padding rows: the reference appends `np.random.rand(k)` to frozen tables and SI-initialised
 tables; here they are zeros (the backbone masks padding positions, so the value never matters).
 Frozen tables are embedded as constants in the compiled computations: fine for N x d tables of
-tens of MB; tables of hundreds of MB would rather live in a non-param variable collection.
+tens of MB. A step that shards the item axis over a 'model' mesh axis (`config.model_shards` > 1)
+passes them as sharded arguments instead: `bind_frozen` maps each `FrozenTable` to the traced array
+that `constant` then returns (`frozen_tables` lists a model's tables in a fixed order).
+
+Row padding (`row_multiple`): a table sharded over M devices needs a row count divisible by M, so
+with `config.model_shards` = M the trainable ID tables hold round_up(N + 1, M) rows (and bound
+frozen tables as many); rows past the pad row N are never looked up and stay zero. Their first
+N + 1 rows are initialised exactly as an unpadded table's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from typing import Callable, ClassVar
+import threading
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from alphafuse_jax import sparse_updates
 
 Array = jax.Array
 
@@ -65,13 +77,93 @@ class FrozenTable:
     return f'FrozenTable(items={self.num_items}, dim={self.dim})'
 
 
+_BOUND = threading.local()
+
+
 def constant(table: FrozenTable) -> Array:
-  """The frozen table [N + 1, d] as a gradient-free constant."""
+  """The frozen table [N + 1, d] as a gradient-free constant, or the array `bind_frozen` bound."""
+  bound = getattr(_BOUND, 'tables', None)
+  if bound is not None and id(table) in bound:
+    return jax.lax.stop_gradient(bound[id(table)])
   return jax.lax.stop_gradient(jnp.asarray(table.padded))
 
 
-def lookup(table: Array, ids: Array) -> Array:
-  """Rows of table [N + 1, d] for int ids [...] -> [..., d]; out-of-range ids give NaN."""
+@contextlib.contextmanager
+def bind_frozen(arrays: Mapping[FrozenTable, Array] | None) -> Iterator[None]:
+  """While tracing under it, `constant(t)` returns `arrays[t]` (each [>= N + 1, d], padded rows
+  last) instead of embedding `t` in the computation; None binds nothing."""
+  previous = getattr(_BOUND, 'tables', None)
+  _BOUND.tables = {**(previous or {}), **{id(t): a for t, a in (arrays or {}).items()}}
+  try:
+    yield
+  finally:
+    _BOUND.tables = previous
+
+
+def with_frozen_args(fn: Callable, tables: tuple[FrozenTable, ...]) -> Callable:
+  """`fn(*args)` -> `g(frozen, *args)`: `fn` traced with `tables[i]` bound to `frozen[i]`."""
+  def g(frozen, *args):
+    with bind_frozen(dict(zip(tables, frozen))):
+      return fn(*args)
+  return g
+
+
+def frozen_tables(module: Any) -> tuple[FrozenTable, ...]:
+  """Every distinct `FrozenTable` a module tree holds, in field order (a stable order)."""
+  found: dict[int, FrozenTable] = {}
+
+  def visit(x):
+    if isinstance(x, FrozenTable):
+      found.setdefault(id(x), x)
+    elif isinstance(x, nn.Module) or (dataclasses.is_dataclass(x) and not isinstance(x, type)):
+      for f in dataclasses.fields(x):
+        if f.name not in ('parent', 'name'):
+          visit(getattr(x, f.name, None))
+    elif isinstance(x, (tuple, list)):
+      for y in x:
+        visit(y)
+    elif isinstance(x, dict):
+      for y in x.values():
+        visit(y)
+
+  visit(module)
+  return tuple(found.values())
+
+
+def padded_rows(rows: int, multiple: int) -> int:
+  """`rows` rounded up to a multiple of `multiple` (the model-shard count)."""
+  return -(-rows // multiple) * multiple
+
+
+def pad_rows(x: Any, multiple: int) -> Any:
+  """[R, ...] -> [padded_rows(R, multiple), ...] with zero rows appended (numpy or jax)."""
+  extra = padded_rows(x.shape[0], multiple) - x.shape[0]
+  if not extra:
+    return x
+  pad = ((0, extra),) + ((0, 0),) * (x.ndim - 1)
+  return np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
+
+
+def padded_initializer(init: Callable[..., Array], multiple: int) -> Callable[..., Array]:
+  """`init` at the table's true shape, then zero rows up to a multiple of `multiple`: the first
+  rows equal the unpadded table's whatever the model-shard count."""
+  if multiple == 1:
+    return init
+
+  def padded(key, shape, dtype=jnp.float32):
+    return pad_rows(init(key, shape, dtype), multiple)
+
+  return padded
+
+
+def lookup(table: Array | sparse_updates.GatheredRows, ids: Array) -> Array:
+  """Rows of table [N + 1, d] for int ids [...] -> [..., d]; out-of-range ids give NaN.
+
+  In a sparse train step (config.train.sparse_item_updates) a trainable table is a
+  `sparse_updates.GatheredRows`, looked up through its gathered ids.
+  """
+  if isinstance(table, sparse_updates.GatheredRows):
+    return table.lookup(ids)
   return jnp.take(table, jnp.asarray(ids), axis=0, mode='fill', fill_value=jnp.nan)
 
 

@@ -19,6 +19,8 @@ from alphafuse_jax.embeddings.base import ItemEmbedding
 from alphafuse_jax.embeddings.base import constant
 from alphafuse_jax.embeddings.base import id_initializer
 from alphafuse_jax.embeddings.base import lookup
+from alphafuse_jax.embeddings.base import pad_rows
+from alphafuse_jax.embeddings.base import padded_initializer
 from alphafuse_jax.losses import l2_normalize
 
 Array = jax.Array
@@ -47,17 +49,20 @@ class IDEmbedding(_TrainableTable):
     num_items: N; the pad id is N.
     hidden_dim: output width.
     id_init: one of ID_INITS (reference default 'normal').
+    row_multiple: the table's rows are padded to a multiple of it (the model-shard count).
   """
   num_items: int
   hidden_dim: int
   id_init: str = 'normal'
+  row_multiple: int = 1
 
   @property
   def features(self) -> int:
     return self.hidden_dim
 
   def setup(self):
-    self.id_table = self.param('id_table', id_initializer(self.id_init),
+    self.id_table = self.param('id_table',
+                               padded_initializer(id_initializer(self.id_init), self.row_multiple),
                                (self.num_items + 1, self.hidden_dim))
 
 
@@ -68,16 +73,19 @@ class SemanticInitEmbedding(_TrainableTable):
     num_items: N.
     initial_table: [N, hidden_dim] initial values (raw scaled vectors when d_l == hidden_dim,
       else the top-hidden_dim projection); the padding row starts at zero.
+    row_multiple: the table's rows are padded to a multiple of it (the model-shard count).
   """
   num_items: int
   initial_table: FrozenTable
+  row_multiple: int = 1
 
   @property
   def features(self) -> int:
     return self.initial_table.dim
 
   def setup(self):
-    self.id_table = self.param('id_table', lambda _: jnp.asarray(self.initial_table.padded))
+    self.id_table = self.param(
+        'id_table', lambda _: jnp.asarray(pad_rows(self.initial_table.padded, self.row_multiple)))
 
 
 # ---- AlphaFuse ---------------------------------------------------------------------------------
@@ -90,12 +98,14 @@ class AlphaFuseEmbedding(ItemEmbedding):
     null_dim: n, the ID width.
     cover: False adds the ID into the last n of the k dims; True concatenates it.
     id_init: one of ID_INITS.
+    row_multiple: the ID table's rows are padded to a multiple of it (the model-shard count).
   """
   num_items: int
   language_table: FrozenTable
   null_dim: int
   cover: bool = False
   id_init: str = 'zeros'
+  row_multiple: int = 1
 
   @property
   def features(self) -> int:
@@ -103,7 +113,8 @@ class AlphaFuseEmbedding(ItemEmbedding):
 
   def setup(self):
     # The reference's AF ID table has no padding_idx: its pad row is an ordinary (masked) row.
-    self.id_table = self.param('id_table', id_initializer(self.id_init),
+    self.id_table = self.param('id_table',
+                               padded_initializer(id_initializer(self.id_init), self.row_multiple),
                                (self.num_items + 1, self.null_dim))
 
   def __call__(self, ids: Array, *, deterministic: bool) -> Array:
@@ -284,6 +295,7 @@ class RLMRecEmbedding(ItemEmbedding):
   alignment: str = 'con'
   id_init: str = 'normal'
   aux_weight: float = 0.1
+  row_multiple: int = 1  # ID-table rows padded to a multiple of it (the model-shard count).
 
   @property
   def features(self) -> int:
@@ -293,7 +305,8 @@ class RLMRecEmbedding(ItemEmbedding):
     if self.alignment not in RLMREC_ALIGNMENTS:
       raise ValueError(f'RLMRec alignment {self.alignment!r} (config.embedding.rlmrec_alignment) '
                        f'is not one of {RLMREC_ALIGNMENTS}.')
-    self.id_table = self.param('id_table', id_initializer(self.id_init),
+    self.id_table = self.param('id_table',
+                               padded_initializer(id_initializer(self.id_init), self.row_multiple),
                                (self.num_items + 1, self.hidden_dim))
     d_l = self.language_table.dim
     out = self.hidden_dim if self.alignment == 'con' else d_l
@@ -334,6 +347,7 @@ class LLMESREmbedding(ItemEmbedding):
   initial_table: FrozenTable
   language_table: FrozenTable
   adapter_hidden_dim: int
+  row_multiple: int = 1  # ID-table rows padded to a multiple of it (the model-shard count).
 
   @property
   def hidden_dim(self) -> int:
@@ -344,7 +358,8 @@ class LLMESREmbedding(ItemEmbedding):
     return 2 * self.hidden_dim
 
   def setup(self):
-    self.id_table = self.param('id_table', lambda _: jnp.asarray(self.initial_table.padded))
+    self.id_table = self.param(
+        'id_table', lambda _: jnp.asarray(pad_rows(self.initial_table.padded, self.row_multiple)))
     self.adapter_in = TorchDense(self.adapter_hidden_dim)
     self.adapter_out = TorchDense(self.hidden_dim)
 

@@ -331,7 +331,8 @@ def pipelines_for(backbone: str) -> tuple[str, ...]:
 def make_item_embedding(config_embedding: Any, *, num_items: int,
                         language_embeddings: np.ndarray | None,
                         item_counts: np.ndarray | None,
-                        fit_items: np.ndarray | None = None) -> nn.Module:
+                        fit_items: np.ndarray | None = None,
+                        row_multiple: int = 1) -> nn.Module:
   """Builds the item-embedding module of `config.embedding.pipeline`.
 
   Args:
@@ -343,10 +344,23 @@ def make_item_embedding(config_embedding: Any, *, num_items: int,
     fit_items: optional bool [N]: the items whose vectors the decomposition (mean, covariance)
       is fitted on; None fits on all. cold_start_items passes the old items: a new item's text
       is unknown at training time, so it must not shape the space (its row is still projected).
+    row_multiple: trainable ID tables get their rows padded to a multiple of it
+      (`config.model_shards`: a table sharded over M devices needs rows divisible by M).
 
   Returns:
     An unbound `base.ItemEmbedding`.
   """
+  module = _make_item_embedding(config_embedding, num_items, language_embeddings, item_counts,
+                                fit_items)
+  row_multiple = _check_int('row_multiple', row_multiple)
+  if row_multiple > 1 and 'row_multiple' in {f.name for f in dataclasses.fields(module)}:
+    module = module.clone(row_multiple=row_multiple)
+  return module
+
+
+def _make_item_embedding(config_embedding, num_items, language_embeddings, item_counts,
+                         fit_items) -> nn.Module:
+  """`make_item_embedding` before its rows are padded for model sharding."""
   cfg = config_embedding
   pipeline = get_pipeline(cfg.pipeline)
   num_items = _check_int('num_items', num_items)

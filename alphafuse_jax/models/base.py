@@ -74,6 +74,11 @@ class Recommender(nn.Module):
     # With gathered negatives only the sampled rows are embedded (no whole table per step).
     return None if self.objective.gathers else self.item_table(deterministic=False)
 
+  def shared_negative_ids(self) -> Array:
+    """int32 [K]: the ids of `train_table`'s shared negatives (sampled softmax only), the same
+    draw when called with the same rngs; a sparse step gathers their rows before the loss."""
+    return self.objective.negative_ids(self.make_rng('dropout'), self.num_items)
+
   def example_loss(self, history: Array, target: Array, mask: Array, key: Array,
                    table: Array | None) -> tuple[Array, Array]:
     """One row's loss and weight (train mode), by the backbone's `objective`.

@@ -28,6 +28,7 @@ from alphafuse_jax import builders
 from alphafuse_jax import checkpointing
 from alphafuse_jax import errors
 from alphafuse_jax import inference_artifacts
+from alphafuse_jax import parallel
 from alphafuse_jax import train
 from alphafuse_jax.serving import new_items as new_items_lib
 from alphafuse_jax.serving.catalogue import Catalogue
@@ -77,6 +78,22 @@ def restore_params(workdir: str, model) -> Any:
     ckpt.close()
 
 
+def unpad_item_tables(model, params) -> tuple[Any, Any]:
+  """The model and params with ID tables of N + 1 rows.
+
+  A run whose item tables were sharded over M devices (`config.model_shards`) padded their rows
+  to a multiple of M with zero rows past the pad row N; serving runs on one device, so it keeps
+  the real rows (and new items append after them as for any run).
+  """
+  embedding = model.item_embedding
+  if getattr(embedding, 'row_multiple', 1) == 1:
+    return model, params
+  rows = embedding.num_items + 1
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x[:rows] if parallel.is_item_table(path) else x, params)
+  return model.clone(item_embedding=embedding.clone(row_multiple=1)), params
+
+
 def ranked(model, params, chunks, starts, history, exclude, *, k: int):
   """Top-k ids and scores [B, k] of histories [B, L] (pad id = the model's N) against the
   chunked item table (`topk.chunk_table`)."""
@@ -116,7 +133,7 @@ class Recommender:
       new_items_lib.text_map_for(artifacts, initial_rows=initial_rows)
     model = builders.build_model(artifacts.config, artifacts, artifacts.language,
                                  for_training=False)
-    params = restore_params(workdir, model)
+    model, params = unpad_item_tables(model, restore_params(workdir, model))
     catalogue = Catalogue(artifacts.item_keys, artifacts.item_fields)
     recommender = cls(artifacts, model, params, catalogue, workdir=workdir,
                       chunk_size=chunk_size)
