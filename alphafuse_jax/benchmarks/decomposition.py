@@ -8,12 +8,17 @@ Command:
       --n=1000000 --d=3072
   python -m alphafuse_jax.benchmarks.decomposition --mode=streamed --source=memmap \
       --n=1000000 --d=3072 --file=/tmp/vectors_1e6x3072.npy   # writes the file first if missing
+  # Runs of hours: add --checkpoint=PATH; rerunning the same command after an interruption
+  # continues the fit from its last save (and a file source's projection from its last block).
 
 Streamed mode reads rows from a chunk generator (rank `--rank`, default 64 there, so generating
 costs little beside the d x d accumulation) or from a `.npy` file on disk, fits the space with
 `streaming_decomposition.fit_semantic_space_streaming` and writes the projected table with
 `project_to_file`; it prints wall time, rows/s, the time spent producing chunks, and the peak RSS
-of the process. `--check_rows=M` also compares the streamed space with the in-memory float64 fit
+of the process. With `--checkpoint=PATH` the fit saves its accumulators every
+`--checkpoint_every_rows` rows; a rerun resumes (the generator starts at the saved row, the file
+is read from it) and the table also gives the rows resumed from and the fit's seconds summed over
+all runs. `--check_rows=M` also compares the streamed space with the in-memory float64 fit
 of the first M rows (M rows must fit in memory).
 
 Random float32 vectors with a decaying spectrum (low rank plus noise, like sentence embeddings)
@@ -39,6 +44,7 @@ import jax
 import numpy as np
 
 from alphafuse_jax import decomposition
+from alphafuse_jax import files
 from alphafuse_jax import parallel
 from alphafuse_jax import streaming_decomposition
 
@@ -54,6 +60,11 @@ _SOURCE = flags.DEFINE_enum('source', 'generator', ['generator', 'memmap'],
 _FILE = flags.DEFINE_string('file', '', 'streamed, memmap: the .npy [N, d] to read (written from '
                             'the generator first when missing; default: a temporary file).')
 _CHUNK_ROWS = flags.DEFINE_integer('chunk_rows', 8192, 'streamed: rows per chunk and per block.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'streamed: the fit checkpoint (.npz); rerun '
+                                  'the same command to resume (empty: none).')
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    'checkpoint_every_rows', streaming_decomposition.DEFAULT_CHECKPOINT_EVERY_ROWS,
+    'streamed: rows between checkpoint saves (rounded up to whole blocks).')
 _CHECK_ROWS = flags.DEFINE_integer('check_rows', 0, 'streamed: compare with the in-memory float64 '
                                    'fit of the first this many rows (0: skip).')
 
@@ -68,13 +79,16 @@ def synthetic(n: int, d: int, rank: int, seed: int) -> np.ndarray:
 
 
 def synthetic_chunks(n: int, d: int, rank: int, seed: int, chunk_rows: int,
-                     timer: list[float] | None = None) -> Iterator[np.ndarray]:
-  """`synthetic`'s model, chunk by chunk (chunk k from the stream [seed, k]); `timer[0]` sums
-  the seconds spent generating."""
+                     timer: list[float] | None = None, first_row: int = 0) -> Iterator[np.ndarray]:
+  """`synthetic`'s model, chunk by chunk (chunk k from the stream [seed, k]), from row
+  `first_row` on (a resumed run; chunks before it are not generated); `timer[0]` sums the
+  seconds spent generating."""
   basis = np.random.default_rng([seed, 1 << 30]).standard_normal((rank, d), dtype=np.float32)
   basis /= np.sqrt(d)
   decay = (np.arange(1, rank + 1, dtype=np.float32) ** -0.75) * 40
   for k, start in enumerate(range(0, n, chunk_rows)):
+    if start + chunk_rows <= first_row:
+      continue
     began = time.perf_counter()
     rng = np.random.default_rng([seed, k])
     rows = min(chunk_rows, n - start)
@@ -82,7 +96,7 @@ def synthetic_chunks(n: int, d: int, rank: int, seed: int, chunk_rows: int,
     chunk += 0.05 * rng.standard_normal((rows, d), dtype=np.float32)
     if timer is not None:
       timer[0] += time.perf_counter() - began
-    yield chunk
+    yield chunk[max(first_row - start, 0):]
 
 
 def peak_rss_gb() -> float:
@@ -98,26 +112,35 @@ def streamed(n: int, d: int, dim: int, rank: int) -> None:
     path = _FILE.value or os.path.join(tempfile.gettempdir(), f'decomposition_{n}x{d}.npy')
     if not os.path.exists(path):
       began = time.perf_counter()
-      with open(path, 'wb') as f:
+
+      def write(f):  # Atomically: an interrupted write leaves no file that looks complete.
         np.lib.format.write_array_header_1_0(f, {'descr': '<f4', 'fortran_order': False,
                                                  'shape': (n, d)})
         for chunk in synthetic_chunks(n, d, rank, seed, chunk_rows):
           f.write(chunk.tobytes())
+
+      files.atomic_write(path, write, 'wb')
       print(f'wrote {path} ({os.path.getsize(path) / 1e9:.1f} GB) in '
             f'{time.perf_counter() - began:.1f} s')
-    source = lambda: path
+    source = lambda first_row=0: path
   else:
-    source = lambda: synthetic_chunks(n, d, rank, seed, chunk_rows, timer)
+    source = lambda first_row=0: synthetic_chunks(n, d, rank, seed, chunk_rows, timer, first_row)
+  checkpoint = _CHECKPOINT.value or None
+  resumed, before = (streaming_decomposition.checkpoint_progress(checkpoint) if checkpoint
+                     else (0, 0.0))  # Rows and seconds of the earlier runs.
+  resumable = dict(checkpoint_every_rows=_CHECKPOINT_EVERY.value, block_rows=chunk_rows)
   with jax.enable_x64(True):
     began = time.perf_counter()
-    space = streaming_decomposition.fit_semantic_space_streaming(source(), block_rows=chunk_rows)
+    space = streaming_decomposition.fit_semantic_space_streaming(
+        source(resumed), checkpoint=checkpoint, iterator_start='checkpoint', **resumable)
     jax.block_until_ready(space)
     fit_seconds = time.perf_counter() - began
     fit_generating, timer[0] = timer[0], 0.0
     out = os.path.join(tempfile.gettempdir(), f'decomposition_table_{n}x{dim}.npy')
     began = time.perf_counter()
     streaming_decomposition.project_to_file(source(), space, dim, out, num_rows=n,
-                                            block_rows=chunk_rows, dtype=np.float32)
+                                            dtype=np.float32, resume=bool(checkpoint),
+                                            **resumable)
     project_seconds = time.perf_counter() - began
     os.remove(out)
     if _CHECK_ROWS.value:
@@ -134,12 +157,12 @@ def streamed(n: int, d: int, dim: int, rank: int) -> None:
   print(f'\nN = {n:,}, d = {d:,}, k = {dim}, signal rank {rank}, {chunk_rows} rows a block, '
         f'{where["device_count"]} x {where["device_kind"]} ({where["backend"]}); '
         f'jax {jax.__version__}\n')
-  print('| source | fit (s) | fit rows/s | of which generating (s) | project_to_file (s) | '
-        'project rows/s | peak RSS (GB) |')
-  print('|---|---|---|---|---|---|---|')
-  print(f'| {_SOURCE.value if path is None else path} | {fit_seconds:.1f} | '
-        f'{n / fit_seconds:,.0f} | {fit_generating:.1f} | {project_seconds:.1f} | '
-        f'{n / project_seconds:,.0f} | {peak_rss_gb():.2f} |')
+  print('| source | resumed at row | fit (s) | fit rows/s | of which generating (s) | '
+        'fit, all runs (s) | project_to_file (s) | project rows/s | peak RSS (GB) |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  print(f'| {_SOURCE.value if path is None else path} | {resumed:,} | {fit_seconds:.1f} | '
+        f'{(n - resumed) / fit_seconds:,.0f} | {fit_generating:.1f} | {before + fit_seconds:.1f} | '
+        f'{project_seconds:.1f} | {n / project_seconds:,.0f} | {peak_rss_gb():.2f} |')
 
 
 def numpy_reference(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
