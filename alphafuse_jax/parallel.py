@@ -140,6 +140,7 @@ class DataParallel:
     self._sharded = NamedSharding(self.mesh, P(AXIS))
     # Item-axis arrays: rows over 'model'; replicated without one.
     self._items = NamedSharding(self.mesh, P(MODEL_AXIS) if self.model_shards > 1 else P())
+    self._item_constants: dict[Any, jax.Array] = {}  # item_constant's placed arrays.
 
   @property
   def sharded_items(self) -> bool:
@@ -176,10 +177,9 @@ class DataParallel:
   def item_constant(self, key: Any, make: Callable[[], np.ndarray]) -> jax.Array:
     """`place_item_table(make())`, placed once per `key` and shared (a frozen table that the
     train and eval steps both read)."""
-    cache = self.__dict__.setdefault('_item_constants', {})
-    if key not in cache:
-      cache[key] = self.place_item_table(make())
-    return cache[key]
+    if key not in self._item_constants:
+      self._item_constants[key] = self.place_item_table(make())
+    return self._item_constants[key]
 
   def item_table_sharding(self) -> NamedSharding:
     """The sharding of item-axis arrays (rows over 'model'; replicated when M = 1)."""
