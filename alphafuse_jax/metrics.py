@@ -299,13 +299,12 @@ def shard_rank_counts_chunked(states: Array, shard: Array, target_score: Array, 
   rows = shard.shape[0]
   chunk_size = min(chunk_size, rows)
   chunks, starts = _chunked_table(shard, chunk_size)
-  if exclude is not None and exclude.dtype == jnp.bool_:
-    kind, data = _chunk_exclusion(exclude, targets, num_items, chunk_size)
-    if rows != num_items:
-      raise ValueError('A boolean exclude mask needs the whole table (one shard).')
-  else:
-    kind, data = _chunk_exclusion(exclude, targets, num_items, chunk_size)
-    data = None if data is None else jnp.where(data >= 0, data - offset, -1)  # Shard-local ids.
+  kind, data = _chunk_exclusion(exclude, targets, num_items, chunk_size)
+  if kind == 'mask' and rows != num_items:
+    raise ValueError('A boolean exclude mask [B, N] needs the whole table (one shard); pass an '
+                     'index list [B, S] to count a shard.')
+  if kind == 'list':
+    data = jnp.where(data >= 0, data - offset, -1)  # Shard-local ids.
   threshold = target_score[:, None]
 
   def count_chunk(counts, chunk_and_start):

@@ -43,8 +43,9 @@ from alphafuse_jax import precision
 
 Array = jax.Array
 
-# The name of the trainable item-table params (`embeddings.pipelines`) that the step gathers.
-TABLE_KEY = 'id_table'
+# The trainable item-table params (`embeddings.pipelines`) that the step gathers: the leaves
+# `parallel` also shards over a 'model' axis (one definition of what an item table is).
+TABLE_KEYS = parallel.ITEM_TABLE_KEYS
 # Placeholder target of rows and positions that do not count (`Recommender.training_states`).
 PLACEHOLDER_ID = 0
 
@@ -126,11 +127,11 @@ def all_rows(x: Array) -> Array:
 def split_tables(params: Any) -> tuple[dict, dict]:
   """(the other params, the item tables): nested dicts with the keys of `params`."""
   flat = traverse_util.flatten_dict(params)
-  tables = {k: v for k, v in flat.items() if k[-1] == TABLE_KEY}
+  tables = {k: v for k, v in flat.items() if k[-1] in TABLE_KEYS}
   if not tables:
-    raise ValueError(f'No {TABLE_KEY!r} param to update sparsely: the item pipeline has no '
+    raise ValueError(f'No {TABLE_KEYS} param to update sparsely: the item pipeline has no '
                      'trainable item table; set --config.train.sparse_item_updates=false.')
-  rest = {k: v for k, v in flat.items() if k[-1] != TABLE_KEY}
+  rest = {k: v for k, v in flat.items() if k[-1] not in TABLE_KEYS}
   return traverse_util.unflatten_dict(rest), traverse_util.unflatten_dict(tables)
 
 
