@@ -178,14 +178,21 @@ def popularity_rank_counts(train_item_counts: np.ndarray, targets: np.ndarray,
   above = counts.size - right
   ties = right - np.searchsorted(ordered, c, 'left') - 1
   if seen is not None and seen.size:
-    seen = np.sort(np.asarray(seen, np.int64), axis=1)
-    first = np.ones(seen.shape, bool)
-    first[:, 1:] = seen[:, 1:] != seen[:, :-1]
-    valid = first & (seen >= 0) & (seen < counts.size) & (seen != targets[:, None])
-    seen_counts = counts[np.clip(seen, 0, counts.size - 1)]
-    above = above - np.sum(valid & (seen_counts > c[:, None]), axis=1)
-    ties = ties - np.sum(valid & (seen_counts == c[:, None]), axis=1)
+    # In row blocks: the temporaries are a few [rows, S] arrays, not [n, S] (at 2 x 10^5 examples
+    # with long histories those are gigabytes each).
+    for lo in range(0, len(targets), _POPULARITY_ROWS):
+      hi = lo + _POPULARITY_ROWS
+      block = np.sort(np.asarray(seen[lo:hi], np.int64), axis=1)
+      first = np.ones(block.shape, bool)
+      first[:, 1:] = block[:, 1:] != block[:, :-1]
+      valid = first & (block >= 0) & (block < counts.size) & (block != targets[lo:hi, None])
+      block_counts = counts[np.clip(block, 0, counts.size - 1)]
+      above[lo:hi] -= np.sum(valid & (block_counts > c[lo:hi, None]), axis=1)
+      ties[lo:hi] -= np.sum(valid & (block_counts == c[lo:hi, None]), axis=1)
   return (above + 1).astype(np.int64), ties.astype(np.int64)
+
+
+_POPULARITY_ROWS = 4096  # Examples per block of `popularity_rank_counts`' seen-item pass.
 
 
 def new_item_params(params: Any, new_items: np.ndarray, initial: Any | None = None) -> Any:
@@ -201,7 +208,7 @@ def new_item_params(params: Any, new_items: np.ndarray, initial: Any | None = No
 
   def reset(path, leaf, *start):
     # Tables sharded over a 'model' axis have extra zero rows past the pad row: kept as well.
-    if getattr(path[-1], 'key', None) != 'id_table' or leaf.shape[0] < rows:
+    if not parallel.is_item_table(path) or leaf.shape[0] < rows:
       return leaf
     fill = start[0] if start else jnp.zeros_like(leaf)
     mask = jnp.asarray(np.pad(keep, (0, leaf.shape[0] - rows), constant_values=True))

@@ -1,11 +1,14 @@
 """The popularity ranker that results.json reports beside every model (`test_popularity`)."""
 
 import numpy as np
+import pytest
 
 from alphafuse_jax import evaluation
 
 
-def test_popularity_ranks_match_a_brute_force_count():
+@pytest.mark.parametrize('block_rows', [7, 4096])  # Several seen-item blocks, and one.
+def test_popularity_ranks_match_a_brute_force_count(block_rows, monkeypatch):
+  monkeypatch.setattr(evaluation, '_POPULARITY_ROWS', block_rows)
   rng = np.random.default_rng(0)
   num_items, n = 30, 50
   counts = rng.integers(0, 6, size=num_items)  # Many ties.
