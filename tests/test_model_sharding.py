@@ -128,8 +128,15 @@ def test_sharded_tables_train_and_rank_as_one_device(synthetic, tmp_path):
   histories = [one_rec.catalogue.keys[:3], one_rec.catalogue.keys[5:9]]
   for history in histories:
     a, b = one_rec.recommend(history, k=5), mesh_rec.recommend(history, k=5)
-    assert [r.key for r in a] == [r.key for r in b]
     np.testing.assert_allclose([r.score for r in b], [r.score for r in a], rtol=1e-4, atol=1e-5)
+    # The same items, except where two scores are within float32 rounding of each other (the
+    # two runs compiled differently may order such a near-tie either way).
+    scores = np.array([r.score for r in a])
+    clear = np.ones(len(a), bool)
+    close = np.abs(np.diff(scores)) < 1e-4
+    clear[:-1] &= ~close
+    clear[1:] &= ~close
+    assert [r.key for r, c in zip(a, clear) if c] == [r.key for r, c in zip(b, clear) if c]
 
 
 def test_shard_counts_sum_to_whole_table_counts():
