@@ -19,6 +19,7 @@ from alphafuse_jax import metrics as metrics_lib
 from alphafuse_jax import parallel
 from alphafuse_jax import precision
 from alphafuse_jax.data import grain_input
+from alphafuse_jax.data import protocols
 from alphafuse_jax.embeddings import registry
 
 OPTIMIZERS = ('adam_l2', 'adamw', 'sgd')
@@ -152,6 +153,8 @@ def _validate_sparse_item_updates(config: ml_collections.ConfigDict) -> None:
 
 def _validate_data_and_text(config: ml_collections.ConfigDict, pipeline) -> None:
   d, text = config.data, config.text
+  protocols.check_train_user_fraction(d.get('train_user_fraction', 1.0),
+                                      'authors' if d.source == 'authors' else d.protocol)
   if d.source == 'delimited':
     try:
       codecs.lookup(d.delimited.encoding)

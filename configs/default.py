@@ -49,6 +49,10 @@ def get_data_config() -> config_dict.ConfigDict:
   # Fraction of users in validation for cold_start_users; test gets the remaining users. For
   # cold_start_items: the fraction of users whose new-item examples are validation (rest: test).
   data.val_fraction = 0.1
+  # cold_start_users only (issue 20, sparse data): keep the first round(f * n_train) train users
+  # of the split permutation (10% is a subset of 25%); val, test and the item catalogue are
+  # unchanged, train_item_counts follow the kept users. 1.0 keeps every train user.
+  data.train_user_fraction = 1.0
   # cold_start_items: the newest fraction of the items (ordered by first interaction, ties by file
   # order) that training never sees; 0.1 as in issue #16.
   data.new_item_fraction = 0.1

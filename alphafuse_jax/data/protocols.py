@@ -15,7 +15,11 @@ t = 1..len-1 of a user's sequence is one example: history = the up to L items be
 rows list its users in the permutation's order (each user's positions ascending), as a builder
 writing the authors' files does: their loader never shuffles, so this order is the training
 order, and it matters at 6 epochs (sorted user ids cost the reference model 0.0030 (AlphaFuse)
-and 0.0044 (ID) test NDCG@20 on ML-1M; BENCHMARKS.md, parity section).
+and 0.0044 (ID) test NDCG@20 on ML-1M; BENCHMARKS.md, parity section). `train_user_fraction`
+f < 1 (sparse data, issue 20) then keeps only the first round(f * n_train) train users of that
+order, so a smaller fraction's users are a subset of a larger one's; validation, test, the item
+indexing and `user_sequences` stay exactly as with f = 1, and `train_item_counts` counts the kept
+train users only.
 
 `leave_one_out` (the literature's setting): k-core filter on users and items to a fixed point;
 per user the last item is test, the second-to-last validation and the rest train. Train holds one
@@ -36,6 +40,7 @@ import numpy as np
 
 from alphafuse_jax.data import authors
 from alphafuse_jax.data import sources
+from alphafuse_jax.errors import ConfigError
 
 SPLITS = ('train', 'val', 'test')
 EXAMPLE_FIELDS = ('user_id', 'position', 'history', 'target')
@@ -164,10 +169,31 @@ def _keys_like(raw_keys: np.ndarray, keys: np.ndarray) -> list[Any]:
   return [_py(k) for k in keys] if raw_keys.dtype != object else [str(k) for k in keys]
 
 
+def check_train_user_fraction(fraction: Any, protocol: str) -> float:
+  """config.data.train_user_fraction: in (0, 1], and below 1 only for cold_start_users."""
+  if (isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating))
+      or not 0 < fraction <= 1):
+    raise ConfigError(f'config.data.train_user_fraction={fraction!r} must be a number in (0, 1] '
+                      '(the fraction of the train users kept; 1 keeps them all).')
+  if fraction < 1 and protocol != 'cold_start_users':
+    raise ConfigError(
+        f'config.data.train_user_fraction={fraction} keeps a fraction of the train users, which '
+        f"only config.data.protocol='cold_start_users' defines ({protocol!r} does not split "
+        'users into train and test users): set --config.data.train_user_fraction=1 or '
+        '--config.data.protocol=cold_start_users.')
+  return float(fraction)
+
+
 def cold_start_users(raw: sources.RawInteractions, *, max_len: int, split_seed: int,
-                     train_fraction: float, val_fraction: float) -> PreparedDataset:
-  """Disjoint train/val/test users; one example per position t >= 1 of each user's sequence."""
+                     train_fraction: float, val_fraction: float,
+                     train_user_fraction: float = 1.0) -> PreparedDataset:
+  """Disjoint train/val/test users; one example per position t >= 1 of each user's sequence.
+
+  `train_user_fraction` < 1 keeps the first round(fraction * n_train) train users of the
+  permutation (see the module docstring); val and test do not change.
+  """
   _check_max_len(max_len)
+  train_user_fraction = check_train_user_fraction(train_user_fraction, 'cold_start_users')
   if not (0 < train_fraction and 0 <= val_fraction and train_fraction + val_fraction < 1):
     raise sources.DataError(
         f'config.data.train_fraction={train_fraction} and val_fraction={val_fraction} must '
@@ -177,14 +203,22 @@ def cold_start_users(raw: sources.RawInteractions, *, max_len: int, split_seed: 
   permuted = np.random.default_rng(split_seed).permutation(num_users)
   n_train = int(train_fraction * num_users)
   n_val = int((train_fraction + val_fraction) * num_users)
-  groups = {'train': permuted[:n_train], 'val': permuted[n_train:n_val],
+  n_kept = round(train_user_fraction * n_train)
+  if n_kept < 1 <= n_train:  # No train users at all is the empty-split error below.
+    raise ConfigError(
+        f'config.data.train_user_fraction={train_user_fraction} keeps no train user: '
+        f'{raw.description} has {n_train} train users, so round(fraction * {n_train}) must be '
+        f'>= 1: raise the fraction above {0.5 / n_train:.3g}.')
+  groups = {'train': permuted[:n_kept], 'val': permuted[n_train:n_val],
             'test': permuted[n_val:]}
   splits = {name: make_examples(indptr, items, *_all_positions(indptr, users), max_len,
                                 num_items)
             for name, users in groups.items()}
   _check_nonempty(splits, f'{raw.description} has {num_users} users; cold_start_users needs '
                   'enough users with >= 2 interactions for every split. Use more data or change '
-                  'config.data.train_fraction / val_fraction.')
+                  'config.data.train_fraction / val_fraction'
+                  + (f' / train_user_fraction ({n_kept} of {n_train} train users kept).'
+                     if train_user_fraction < 1 else '.'))
   # Popularity over every interaction of the train users.
   train_users = np.zeros(num_users, bool)
   train_users[groups['train']] = True
@@ -195,7 +229,9 @@ def cold_start_users(raw: sources.RawInteractions, *, max_len: int, split_seed: 
       train_item_counts=counts.astype(np.int64), splits=splits,
       user_sequences=(indptr, items),
       description=f'{raw.description}; cold_start_users seed={split_seed} '
-                  f'fractions={train_fraction}/{val_fraction} L={max_len}')
+                  f'fractions={train_fraction}/{val_fraction} L={max_len}'
+                  + (f' train_user_fraction={train_user_fraction} ({n_kept} of {n_train} train '
+                     'users kept)' if train_user_fraction < 1 else ''))
 
 
 def k_core(users: np.ndarray, items: np.ndarray, min_count: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The TFDS builder and the prepared-data cache.
 
-One builder config per (source, protocol, L, split seed, fractions, min count, source
-fingerprint); the config name carries all of them, so a changed source file or setting never
-reads a stale cache. Layout:
+One builder config per (source, protocol, L, split seed, fractions, train user fraction, min
+count, source fingerprint); the config name carries all of them, so a changed source file or
+setting never reads a stale cache. Layout:
 
   <data_dir>/alphafuse_sequences/<config name>/<VERSION>/
       dataset_info.json, features.json, alphafuse_sequences-{train,val,test}.array_record-*
@@ -98,11 +98,17 @@ def _require_path(config: Any) -> None:
 def settings(config: Any) -> dict[str, Any]:
   """The config fields that change the prepared data (the cache key besides the files)."""
   out = {'source': config.source, 'max_len': int(config.max_len), 'format': FORMAT_VERSION}
+  # Below 1 only for cold_start_users; at 1 the key (and so every existing cache) is unchanged.
+  user_fraction = protocols.check_train_user_fraction(
+      getattr(config, 'train_user_fraction', 1.0),
+      'authors' if config.source == 'authors' else config.protocol)
   if config.source != 'authors':
     out['protocol'] = config.protocol
     if config.protocol == 'cold_start_users':
       out.update(split_seed=int(config.split_seed), train_fraction=float(config.train_fraction),
                  val_fraction=float(config.val_fraction))
+      if user_fraction < 1:
+        out['train_user_fraction'] = user_fraction
     elif config.protocol == 'leave_one_out':
       out['min_interactions'] = int(config.min_interactions)
     elif config.protocol == 'cold_start_items':
@@ -136,6 +142,8 @@ def config_name(config_settings: dict[str, Any], digest: str) -> str:
   parts = [s['source'], s.get('protocol', 'given'), f"L{s['max_len']}"]
   if s.get('protocol') == 'cold_start_users':
     parts += [f"seed{s['split_seed']}", f"tr{s['train_fraction']:g}", f"va{s['val_fraction']:g}"]
+    if 'train_user_fraction' in s:
+      parts.append(f"tu{s['train_user_fraction']:g}")
   elif s.get('protocol') == 'leave_one_out':
     parts.append(f"k{s['min_interactions']}")
   elif s.get('protocol') == 'cold_start_items':
@@ -147,6 +155,9 @@ def config_name(config_settings: dict[str, Any], digest: str) -> str:
 def build(config: Any) -> protocols.PreparedDataset:
   """Reads the sources and applies the protocol (no caching)."""
   protocols._check_max_len(config.max_len)
+  user_fraction = protocols.check_train_user_fraction(
+      getattr(config, 'train_user_fraction', 1.0),
+      'authors' if config.source == 'authors' else config.protocol)
   if config.source == 'authors':
     return protocols.from_authors(config.path, max_len=config.max_len)
   if config.source in ('ml-1m', 'ml-100k'):
@@ -160,7 +171,8 @@ def build(config: Any) -> protocols.PreparedDataset:
   if config.protocol == 'cold_start_users':
     return protocols.cold_start_users(
         raw, max_len=config.max_len, split_seed=config.split_seed,
-        train_fraction=config.train_fraction, val_fraction=config.val_fraction)
+        train_fraction=config.train_fraction, val_fraction=config.val_fraction,
+        train_user_fraction=user_fraction)
   if config.protocol == 'cold_start_items':
     return protocols.cold_start_items(
         raw, max_len=config.max_len, split_seed=config.split_seed,
