@@ -37,7 +37,8 @@ def write_cell(run_dir: pathlib.Path, ranks, *, sampled=None, curve=(0.1, 0.2, 0
   run_dir.mkdir(parents=True)
   arrays = {'rank': np.asarray(ranks, np.int32), 'target': TARGETS.astype(np.int32),
             'position': POSITIONS.astype(np.int32)}
-  results = {'test': {'NDCG@20': -1.0}, 'wall_seconds': 12.0}  # The report recomputes.
+  results = {'test': {'NDCG@20': -1.0}, 'wall_seconds': 12.0,  # The report recomputes.
+             'best_epoch': int(np.argmax(curve)) + 1, 'epochs': len(curve)}
   if sampled is not None:
     arrays['sampled_rank'] = np.asarray(sampled, np.int32)
     results['sampled_negatives'] = 100
@@ -262,6 +263,43 @@ def test_cell_commands_and_layout():
       pathlib.Path('results/ml1m_sasrec/runs/alphafuse_s22')
   with pytest.raises(experiments.SuiteError, match='not in suite'):
     experiments.make_suite('ml1m_sasrec', variants=['dreamrec'])
+
+
+def test_training_budget_table(tmp_path):
+  suite = experiments.make_suite('smoke', seeds=[22, 23])
+  runs = tmp_path / 'results' / 'smoke' / 'runs'
+  # alphafuse: best at epochs 2 and 4 of 3 and 5 run; id: one seed, best at 1 of 2.
+  write_cell(runs / 'alphafuse_s22', RANKS['alphafuse', 22], curve=(0.1, 0.3, 0.2))
+  write_cell(runs / 'alphafuse_s23', RANKS['alphafuse', 23], curve=(0.1, 0.2, 0.3, 0.4, 0.3))
+  write_cell(runs / 'id_s22', RANKS['id', 22], curve=(0.5, 0.4))
+  summary = experiments.build_report(suite, str(tmp_path / 'results'), train_item_counts=COUNTS)
+  row = summary['budget']['alphafuse']
+  assert row['best_epoch']['values'] == [2.0, 4.0] and row['epochs']['values'] == [3.0, 5.0]
+  assert row['best_epoch']['std'] == pytest.approx(math.sqrt(2.0))
+  assert row['wall_minutes']['mean'] == pytest.approx(0.2)  # 12 s.
+  readme = (tmp_path / 'results' / 'smoke' / 'README.md').read_text()
+  assert '| alphafuse | 3.0 ± 1.4 (2) | 4.0 ± 1.4 (2) | 0.2 ± 0.0 (2) |' in readme
+  assert '| id | 1.0 (1) | 2.0 (1) | 0.2 (1) |' in readme
+
+
+def test_convergence_and_sparse_suites():
+  conv = experiments.make_suite('ml1m_convergence')
+  assert [c.name for c in conv.cells[:3]] == ['alphafuse_s22', 'alphafuse_s23', 'id_s22']
+  assert conv.cells[0].config == 'configs/convergence.py:alphafuse'
+  config = experiments.load_config(conv.cells[2].config)
+  assert (config.embedding.pipeline, config.train.patience, config.train.num_epochs,
+          config.eval.every_epochs, config.data.train_user_fraction) == ('id', 10, 200, 1, 1.0)
+  sparse = experiments.make_suite('ml1m_sparse10')
+  assert sparse.variants == ('alphafuse', 'id', 'llminit')
+  assert sparse.cells[-1].config == 'configs/convergence.py:llminit,0.1'
+  config = experiments.load_config(sparse.cells[-1].config)
+  # A validation every 10 epochs (about one full-data epoch of steps), the cap 200 of them.
+  assert (config.data.train_user_fraction, config.eval.every_epochs,
+          config.train.num_epochs) == (0.1, 10, 2000)
+  assert experiments.load_config('configs/convergence.py:id,0.25').eval.every_epochs == 4
+  for bad in ('id,ten', 'id,0', 'id,1.5', 'dreamrec'):
+    with pytest.raises(ValueError, match='convergence.py'):
+      experiments.load_config(f'configs/convergence.py:{bad}')
 
 
 def test_cell_environment_defaults(tmp_path, monkeypatch):

@@ -55,6 +55,7 @@ class CellReport:
   wall_seconds: float = float('nan')
   sampled_negatives: int | None = None
   note: str = ''
+  results: dict[str, Any] = dataclasses.field(default_factory=dict)  # results.json.
 
 
 def collect_cell(suite: Suite, cell: Cell, results_dir: str, *, train_item_counts: np.ndarray,
@@ -67,7 +68,7 @@ def collect_cell(suite: Suite, cell: Cell, results_dir: str, *, train_item_count
     status = 'unfinished' if workdir.is_dir() else 'missing'
     return CellReport(cell, status, workdir, curve=curve)
   results = stats.read_results(results_path)
-  report = CellReport(cell, 'finished', workdir, curve=curve,
+  report = CellReport(cell, 'finished', workdir, curve=curve, results=results,
                       wall_seconds=float(results.get('wall_seconds', float('nan'))))
   ranks_path = workdir / 'test_ranks.npz'
   if ranks_path.is_file():
@@ -174,9 +175,7 @@ def _json_safe(obj: Any) -> Any:
     return float(obj) if math.isfinite(obj) else None
   if isinstance(obj, np.integer):
     return int(obj)
-  if isinstance(obj, pathlib.Path):
-    return str(obj)
-  return obj
+  return str(obj) if isinstance(obj, pathlib.Path) else obj
 
 
 # ---- building the report --------------------------------------------------------------------
@@ -253,6 +252,8 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
       'tables': table, 'comparisons': comp, 'sampled_tables': sampled,
       'sampled_negatives': negatives, 'deciles': decile_table, 'sweep': sweep,
       'spectrum': spectrum_info, 'plots': plot_captions, 'cold_items': random_levels,
+      'budget': stats.budget(suite.variants, [(c.cell.variant, c.results) for c in cells
+                                              if c.status == 'finished']),
       'not_finished': [{'cell': c.cell.name, 'status': c.status, 'workdir': c.workdir}
                        for c in not_finished],
   }
@@ -301,10 +302,8 @@ def report_from_config(suite: Suite, results_dir: str, *, short_history: int,
 # ---- the README -----------------------------------------------------------------------------
 def _fmt(stat: Mapping[str, Any]) -> str:
   """'mean ± std', 'mean (1 seed)' or '-' (no seed)."""
-  if stat['n'] == 0:
-    return '-'
-  if stat['n'] == 1:
-    return f'{stat["mean"]:.4f} (1 seed)'
+  if stat['n'] <= 1:
+    return f'{stat["mean"]:.4f} (1 seed)' if stat['n'] else '-'
   return f'{stat["mean"]:.4f} ± {stat["std"]:.4f}'
 
 
@@ -412,6 +411,7 @@ def render_readme(suite: Suite, summary: Mapping[str, Any]) -> str:
             f'{suite.baseline}.', '']
   for metric in COMPARISON_METRICS:
     lines += [f'### {metric}', '', *_comparison_table(suite, summary['comparisons'], metric), '']
+  lines += stats.render_budget(summary.get('budget') or {})
   # Sampled metrics, only when some run has them, under a heading that says they differ.
   if any(summary['sampled_tables'][g] for g in GROUPS):
     negatives = summary['sampled_negatives']

@@ -151,3 +151,37 @@ def paired_comparison(variant: Mapping[int, float], baseline: Mapping[int, float
     verdict = 'better' if diffs['mean'] > 0 else 'worse'
   return {'mean_diff': diffs['mean'], 'std_diff': diffs['std'], 'spread': spread,
           'seeds': seeds, 'verdict': verdict}
+
+
+# ---- the training budget of each row --------------------------------------------------------
+BUDGET_FIELDS = ('best_epoch', 'epochs', 'wall_minutes')
+
+
+def budget(variants: Iterable[str], runs: Iterable[tuple[str, Mapping[str, Any]]]
+           ) -> dict[str, dict[str, Any]]:
+  """variant -> BUDGET_FIELDS -> mean_std over its finished runs (`runs`: (variant, results))."""
+  runs = list(runs)
+  table = {}
+  for variant in variants:
+    mine = [r for v, r in runs if v == variant]
+    if mine:
+      table[variant] = {
+          'best_epoch': mean_std(r.get('best_epoch', float('nan')) for r in mine),
+          'epochs': mean_std(r.get('epochs', float('nan')) for r in mine),
+          'wall_minutes': mean_std(r.get('wall_seconds', float('nan')) / 60 for r in mine)}
+  return table
+
+
+def render_budget(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """Markdown: per row, the epoch of the best validation, the epochs run and the wall time."""
+  fmt = lambda s, p: ('-' if not s['n'] else f'{s["mean"]:.{p}f}' +
+                      ('' if s['n'] < 2 else f' ± {s["std"]:.{p}f}') + f' ({s["n"]})')
+  lines = ['## Training budget', '',
+           'Per row: the epoch of the best val NDCG@20 (the test metrics are that epoch\'s), the '
+           'epochs run (early stopping included) and the wall time of the whole run (training '
+           'and evaluation), mean ± std (runs).', '',
+           '| pipeline | best epoch | epochs run | wall (min) |', '|---|---|---|---|']
+  for variant, row in table.items():
+    lines.append(f'| {variant} | {fmt(row["best_epoch"], 1)} | {fmt(row["epochs"], 1)} | '
+                 f'{fmt(row["wall_minutes"], 1)} |')
+  return lines + ['']

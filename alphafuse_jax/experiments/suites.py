@@ -22,6 +22,12 @@ NULL_DIMS = (16, 32, 64, 96)
 # ml1m_cold_items' rows (configs/cold_items.py ROWS; 'text_only' trains nothing).
 COLD_ITEMS_ROWS = ('alphafuse', 'morec', 'whitenrec', 'unisrec', 'llmesr', 'llminit', 'text_only',
                    'id')
+# ml1m_convergence's rows (AlphaFuse, the ID baseline, and the two language-initialised pipelines
+# that beat AlphaFuse at ml1m_sasrec's 3-epoch budget), and the sparse-data suites' rows and
+# train-user fractions in percent (configs/convergence.py).
+CONVERGENCE_ROWS = ('alphafuse', 'id', 'llminit', 'whitenrec')
+SPARSE_ROWS = ('alphafuse', 'id', 'llminit')
+SPARSE_PERCENTS = (10, 25)
 # The module a cell runs: training, or the text-only ranker (no training).
 TRAIN_MODULE = 'alphafuse_jax.main'
 TEXT_RANKER_MODULE = 'alphafuse_jax.experiments.text_ranker'
@@ -126,6 +132,17 @@ def _cold_items_cell(variant: str, seed: int, results_dir: str = '') -> Cell:
               env=CELL_ENV.get(variant, ()), module=module)
 
 
+def _convergence_cell(percent: int | None) -> Callable[[str, int, str], Cell]:
+  """The cell builder of configs/convergence.py at a train-user fraction (None: all users)."""
+  arg = '' if percent is None else f',{percent / 100:g}'
+
+  def cell(variant: str, seed: int, results_dir: str = '') -> Cell:
+    del results_dir  # Every cell has its own workdir.
+    return Cell(f'{variant}_s{seed}', variant, seed, f'configs/convergence.py:{variant}{arg}',
+                env=CELL_ENV.get(variant, ()))
+  return cell
+
+
 def _smoke_cell(variant: str, seed: int, results_dir: str) -> Cell:
   del results_dir
   overrides = (f'--config.embedding.pipeline={variant}',)
@@ -166,6 +183,18 @@ SUITES = {
         'configs/suite.py:alphafuse', tuple(f'alphafuse_null{d}' for d in NULL_DIMS), (22,),
         'alphafuse_null64', _sweep_cell, sweep_x=_null_dim,
         sweep_label='null_dim (ID dimensions)'),
+    'ml1m_convergence': _SuiteSpec(
+        'SASRec pipelines on MovieLens-1M cold-start users trained to early stopping (patience '
+        '10 validations on val NDCG@20, at most 200 epochs), `configs/convergence.py:<pipeline>`',
+        'configs/convergence.py:alphafuse', CONVERGENCE_ROWS, (22, 23), 'alphafuse',
+        _convergence_cell(None)),
+    **{f'ml1m_sparse{p}': _SuiteSpec(
+        f'Sparse data: ml1m_convergence with only the first {p}% of the permuted train users '
+        '(validation and test users unchanged; a validation every '
+        f'{round(100 / p)} epochs, about one full-data epoch of steps), '
+        f'`configs/convergence.py:<pipeline>,{p / 100:g}`',
+        f'configs/convergence.py:alphafuse,{p / 100:g}', SPARSE_ROWS, (22, 23), 'alphafuse',
+        _convergence_cell(p)) for p in SPARSE_PERCENTS},
     'smoke': _SuiteSpec(
         'smoke test: AlphaFuse and SASRec-ID on MovieLens-100K (`configs/tiny.py`)',
         'configs/tiny.py', ('alphafuse', 'id'), (22, 23), 'alphafuse', _smoke_cell),
