@@ -153,22 +153,42 @@ class DataParallel:
     if self.mode == 'pmap':
       # jax.device_put_replicated was removed in JAX 0.10; flax's helper still does this.
       return flax.jax_utils.replicate(tree, devices=self.local_devices)
-    # Via host numpy: restored checkpoints are arrays committed to one local device, and
-    # device_put of those onto a multi-process mesh is an (unsupported) cross-host transfer.
-    return jax.device_put(jax.tree.map(np.asarray, tree), self._replicated)
+    return jax.tree.map(lambda x: self._put(x, self._replicated), tree)
+
+  def _put(self, x: Any, sharding: NamedSharding) -> jax.Array:
+    """`x` placed with `sharding`: as it is when it already has exactly that sharding
+    (`create_state`'s arrays: a [10^7, d] table and its moments are not duplicated; the caller
+    then owns them, and a donating step consumes them), else a copy via host numpy (restored
+    checkpoints are arrays committed to one local device, and device_put of those onto a
+    multi-process mesh is an unsupported cross-host transfer)."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    return jax.device_put(np.asarray(x), sharding)
+
+  def _placement(self, path: Any, x: Any) -> NamedSharding:
+    """Item tables (`is_item_table`) over 'model' when model_shards > 1 (their rows are a
+    multiple of it); everything else replicated."""
+    item = (self.sharded_items and is_item_table(path) and len(x.shape) >= 1
+            and x.shape[0] % self.model_shards == 0)
+    return self._items if item else self._replicated
 
   def place_state(self, tree: Any) -> Any:
     """`replicate`, except that item tables (`is_item_table`) are sharded along their rows over
     the 'model' axis when model_shards > 1 (their rows are a multiple of it)."""
-    if not self.sharded_items:
+    if self.mode == 'pmap':
       return self.replicate(tree)
+    return jax.tree_util.tree_map_with_path(lambda p, x: self._put(x, self._placement(p, x)),
+                                            tree)
 
-    def place(path, x):
-      x = np.asarray(x)
-      item = is_item_table(path) and x.ndim >= 1 and x.shape[0] % self.model_shards == 0
-      return jax.device_put(x, self._items if item else self._replicated)
-
-    return jax.tree_util.tree_map_with_path(place, tree)
+  def create_state(self, make: Callable[[], Any]) -> Any:
+    """`make()`, a state for `place_state`. With item tables sharded it runs under `jit` with
+    that placement as its out_shardings, so every device computes and holds only its 1/M of the
+    tables and their moments, and no device ever holds them whole (a 10^7-row table's init);
+    `place_state` then keeps those arrays as they are."""
+    if not self.sharded_items:
+      return make()
+    shardings = jax.tree_util.tree_map_with_path(self._placement, jax.eval_shape(make))
+    return jax.jit(make, out_shardings=shardings)()
 
   def place_item_table(self, x: Any) -> Any:
     """A [R, ...] item-axis array (R a multiple of model_shards) sharded over 'model'."""

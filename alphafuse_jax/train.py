@@ -227,7 +227,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
   patience = config.train.patience or math.inf  # 0 = no early stopping.
   seed_key = jax.random.key(config.train.seed)
   init_key, train_key = jax.random.split(seed_key)
-  state = create_train_state(model, config, init_key)
+  # Placed as it is made: with item tables sharded, each device builds only its share of them.
+  state = dp.create_state(lambda: create_train_state(model, config, init_key))
   logging.info('parameters: %d trainable', count_params(state.params))
   # Training batches (config.data.input); a Grain iterator takes the checkpoint's state.
   train_input = grain_input.train_input(

@@ -8,6 +8,7 @@ equal the whole-table counts; padded ID tables start with the unpadded rows; bad
 start with the fix named.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from alphafuse_jax import metrics as metrics_lib
+from alphafuse_jax import parallel
 from alphafuse_jax import serving
 from alphafuse_jax import train as train_lib
 from alphafuse_jax.embeddings import base as emb_base
@@ -211,3 +213,45 @@ def test_bad_model_shards_fail_at_start(overrides, message):
   config = make_config(overrides)
   with pytest.raises(ValueError, match=message):
     train_lib.validate_config(config, 2)
+
+
+def test_create_state_builds_item_tables_sharded_and_place_state_keeps_them():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  proc = subprocess.run([sys.executable, '-c', 'from tests.test_model_sharding import '
+                         'check_create_state; check_create_state()'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'create_state checked' in proc.stdout
+
+
+def check_create_state():
+  """Run with 2 devices (the test above)."""
+  assert jax.device_count() == 2, jax.devices()
+  dp = parallel.DataParallel('shard_map', 2)
+
+  def make():  # A state-like tree: an item table (6 rows), its moment, and a replicated leaf.
+    table = jax.random.normal(jax.random.key(1), (6, 3))
+    return {'params': {'id_table': table, 'dense': jnp.ones(4)},
+            'opt': {'mu': {'id_table': 2.0 * table}}}
+
+  state = dp.create_state(make)
+  want = make()
+  for path in (('params', 'id_table'), ('opt', 'mu', 'id_table')):
+    leaf = functools.reduce(lambda t, k: t[k], path, state)
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec(parallel.MODEL_AXIS)
+    # Each of the 2 devices holds 3 of the 6 rows, never the whole table.
+    assert {s.data.shape for s in leaf.addressable_shards} == {(3, 3)}
+    np.testing.assert_allclose(np.asarray(leaf), np.asarray(
+        functools.reduce(lambda t, k: t[k], path, want)), rtol=1e-6, atol=1e-6)
+  assert state['params']['dense'].sharding.is_fully_replicated
+  # Already placed: place_state keeps the very arrays (no copy of a large table).
+  placed = dp.place_state(state)
+  assert placed['params']['id_table'] is state['params']['id_table']
+  # Not yet placed (host numpy): placed like create_state would.
+  host = dp.place_state(jax.tree.map(np.asarray, want))
+  assert host['params']['id_table'].sharding.spec == jax.sharding.PartitionSpec(parallel.MODEL_AXIS)
+  # Without item sharding, create_state is make() itself (place_state replicates later).
+  plain = parallel.DataParallel('shard_map', 1).create_state(make)
+  np.testing.assert_array_equal(np.asarray(plain['params']['id_table']),
+                                np.asarray(want['params']['id_table']))
+  print('create_state checked')
