@@ -180,12 +180,13 @@ class DataParallel:
     return jax.tree_util.tree_map_with_path(lambda p, x: self._put(x, self._placement(p, x)),
                                             tree)
 
-  def create_state(self, make: Callable[[], Any]) -> Any:
-    """`make()`, a state for `place_state`. With item tables sharded it runs under `jit` with
-    that placement as its out_shardings, so every device computes and holds only its 1/M of the
-    tables and their moments, and no device ever holds them whole (a 10^7-row table's init);
-    `place_state` then keeps those arrays as they are."""
-    if not self.sharded_items:
+  def create_state(self, make: Callable[[], Any], in_place: bool | None = None) -> Any:
+    """`make()`, a state for `place_state`. In place (the default with item tables sharded) it
+    runs under `jit` with that placement as its out_shardings, so every device computes and
+    holds only its 1/M of the tables and their moments, no device ever holds them whole (a
+    10^7-row table's init), and `place_state` keeps those arrays as they are. Otherwise (the
+    default without) it runs eagerly, as it always has, and `place_state` copies it."""
+    if not (self.sharded_items if in_place is None else in_place) or self.mode == 'pmap':
       return make()
     shardings = jax.tree_util.tree_map_with_path(self._placement, jax.eval_shape(make))
     return jax.jit(make, out_shardings=shardings)()

@@ -250,8 +250,16 @@ def check_create_state():
   # Not yet placed (host numpy): placed like create_state would.
   host = dp.place_state(jax.tree.map(np.asarray, want))
   assert host['params']['id_table'].sharding.spec == jax.sharding.PartitionSpec(parallel.MODEL_AXIS)
-  # Without item sharding, create_state is make() itself (place_state replicates later).
-  plain = parallel.DataParallel('shard_map', 1).create_state(make)
+  # Without item sharding, create_state is make() itself (place_state replicates later), unless
+  # asked to build in place: then replicated, and kept by place_state.
+  unsharded = parallel.DataParallel('shard_map', 1)
+  plain = unsharded.create_state(make)
   np.testing.assert_array_equal(np.asarray(plain['params']['id_table']),
                                 np.asarray(want['params']['id_table']))
+  assert unsharded.place_state(plain)['params']['id_table'] is not plain['params']['id_table']
+  built = unsharded.create_state(make, in_place=True)
+  assert built['params']['id_table'].sharding.is_fully_replicated
+  assert unsharded.place_state(built)['params']['id_table'] is built['params']['id_table']
+  np.testing.assert_allclose(np.asarray(built['params']['id_table']),
+                             np.asarray(want['params']['id_table']), rtol=1e-6, atol=1e-6)
   print('create_state checked')
