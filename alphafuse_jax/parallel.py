@@ -157,7 +157,7 @@ class DataParallel:
 
   def _put(self, x: Any, sharding: NamedSharding) -> jax.Array:
     """`x` placed with `sharding`: as it is when it already has exactly that sharding
-    (`create_state`'s arrays: a [10^7, d] table and its moments are not duplicated; the caller
+    (`builder`'s arrays: a [10^7, d] table and its moments are not duplicated; the caller
     then owns them, and a donating step consumes them), else a copy via host numpy (restored
     checkpoints are arrays committed to one local device, and device_put of those onto a
     multi-process mesh is an unsupported cross-host transfer)."""
@@ -180,16 +180,23 @@ class DataParallel:
     return jax.tree_util.tree_map_with_path(lambda p, x: self._put(x, self._placement(p, x)),
                                             tree)
 
-  def create_state(self, make: Callable[[], Any], in_place: bool | None = None) -> Any:
-    """`make()`, a state for `place_state`. In place (the default with item tables sharded) it
-    runs under `jit` with that placement as its out_shardings, so every device computes and
-    holds only its 1/M of the tables and their moments, no device ever holds them whole (a
-    10^7-row table's init), and `place_state` keeps those arrays as they are. Otherwise (the
-    default without) it runs eagerly, as it always has, and `place_state` copies it."""
+  def builder(self, in_place: bool | None = None) -> Callable[..., Any]:
+    """`build(fn, *args)` -> `fn(*args)`, a part of a state for `place_state`.
+
+    In place (the default with item tables sharded) `fn` runs under `jit` with that placement as
+    its out_shardings: every device computes and holds only its 1/M of the tables and their
+    moments, no device ever holds them whole (a 10^7-row table's init), and `place_state` keeps
+    those arrays as they are. Otherwise (the default without) `fn` runs eagerly, as it always
+    has, and `place_state` copies the result.
+    """
     if not (self.sharded_items if in_place is None else in_place) or self.mode == 'pmap':
-      return make()
-    shardings = jax.tree_util.tree_map_with_path(self._placement, jax.eval_shape(make))
-    return jax.jit(make, out_shardings=shardings)()
+      return lambda fn, *args: fn(*args)
+
+    def build(fn, *args):
+      shapes = jax.eval_shape(fn, *args)
+      return jax.jit(fn, out_shardings=jax.tree_util.tree_map_with_path(self._placement,
+                                                                        shapes))(*args)
+    return build
 
   def place_item_table(self, x: Any) -> Any:
     """A [R, ...] item-axis array (R a multiple of model_shards) sharded over 'model'."""

@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 from flax import struct
@@ -101,15 +101,20 @@ def init_params(model: base.Recommender, key: jax.Array) -> Any:
 
 
 def create_train_state(model: base.Recommender, config: ml_collections.ConfigDict,
-                       key: jax.Array) -> TrainState:
+                       key: jax.Array, build: Callable[..., Any] | None = None) -> TrainState:
   """A fresh state; with config.train.sparse_item_updates the optimizer state is split into the
-  other params' and the item tables' (`sparse_updates.init_state`)."""
-  if not config.train.get('sparse_item_updates', False):
-    return TrainState.create(apply_fn=model.apply, params=init_params(model, key),
-                             tx=make_optimizer(config))
-  params, tx = init_params(model, key), make_optimizer(config)
-  return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
-                    opt_state=sparse_updates.init_state(tx, params), sparse_item_updates=True)
+  other params' and the item tables' (`sparse_updates.init_state`).
+
+  `build(fn, *args)` (default: `fn(*args)`; `parallel.DataParallel.builder` builds in place)
+  makes the params, then the optimizer state from them: the params' init temporaries are freed
+  before the moments exist, so the peak is the larger of the two, not their sum.
+  """
+  build = build or (lambda fn, *args: fn(*args))
+  tx, sparse = make_optimizer(config), bool(config.train.get('sparse_item_updates', False))
+  params = build(lambda k: init_params(model, k), key)
+  opt_state = build(lambda p: sparse_updates.init_state(tx, p) if sparse else tx.init(p), params)
+  return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx, opt_state=opt_state,
+                    sparse_item_updates=sparse)
 
 
 def count_params(tree: Any) -> int:
@@ -228,7 +233,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
   seed_key = jax.random.key(config.train.seed)
   init_key, train_key = jax.random.split(seed_key)
   # Placed as it is made: with item tables sharded, each device builds only its share of them.
-  state = dp.create_state(lambda: create_train_state(model, config, init_key))
+  state = create_train_state(model, config, init_key, dp.builder())
   logging.info('parameters: %d trainable', count_params(state.params))
   # Training batches (config.data.input); a Grain iterator takes the checkpoint's state.
   train_input = grain_input.train_input(

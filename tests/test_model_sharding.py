@@ -215,16 +215,16 @@ def test_bad_model_shards_fail_at_start(overrides, message):
     train_lib.validate_config(config, 2)
 
 
-def test_create_state_builds_item_tables_sharded_and_place_state_keeps_them():
+def test_builder_builds_item_tables_sharded_and_place_state_keeps_them():
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
   proc = subprocess.run([sys.executable, '-c', 'from tests.test_model_sharding import '
-                         'check_create_state; check_create_state()'], cwd=ROOT, env=env,
+                         'check_builder; check_builder()'], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert 'create_state checked' in proc.stdout
+  assert 'builder checked' in proc.stdout
 
 
-def check_create_state():
+def check_builder():
   """Run with 2 devices (the test above)."""
   assert jax.device_count() == 2, jax.devices()
   dp = parallel.DataParallel('shard_map', 2)
@@ -234,7 +234,7 @@ def check_create_state():
     return {'params': {'id_table': table, 'dense': jnp.ones(4)},
             'opt': {'mu': {'id_table': 2.0 * table}}}
 
-  state = dp.create_state(make)
+  state = dp.builder()(make)
   want = make()
   for path in (('params', 'id_table'), ('opt', 'mu', 'id_table')):
     leaf = functools.reduce(lambda t, k: t[k], path, state)
@@ -247,19 +247,19 @@ def check_create_state():
   # Already placed: place_state keeps the very arrays (no copy of a large table).
   placed = dp.place_state(state)
   assert placed['params']['id_table'] is state['params']['id_table']
-  # Not yet placed (host numpy): placed like create_state would.
+  # Not yet placed (host numpy): placed as the builder places it.
   host = dp.place_state(jax.tree.map(np.asarray, want))
   assert host['params']['id_table'].sharding.spec == jax.sharding.PartitionSpec(parallel.MODEL_AXIS)
-  # Without item sharding, create_state is make() itself (place_state replicates later), unless
+  # Without item sharding, the builder runs make() itself (place_state replicates later), unless
   # asked to build in place: then replicated, and kept by place_state.
   unsharded = parallel.DataParallel('shard_map', 1)
-  plain = unsharded.create_state(make)
+  plain = unsharded.builder()(make)
   np.testing.assert_array_equal(np.asarray(plain['params']['id_table']),
                                 np.asarray(want['params']['id_table']))
   assert unsharded.place_state(plain)['params']['id_table'] is not plain['params']['id_table']
-  built = unsharded.create_state(make, in_place=True)
+  built = unsharded.builder(in_place=True)(make)
   assert built['params']['id_table'].sharding.is_fully_replicated
   assert unsharded.place_state(built)['params']['id_table'] is built['params']['id_table']
   np.testing.assert_allclose(np.asarray(built['params']['id_table']),
                              np.asarray(want['params']['id_table']), rtol=1e-6, atol=1e-6)
-  print('create_state checked')
+  print('builder checked')

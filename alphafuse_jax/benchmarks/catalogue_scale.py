@@ -76,8 +76,9 @@ def _worker(spec: str) -> dict:
   del language
   init_key, train_key = jax.random.split(jax.random.key(config.train.seed))
   dp = parallel.DataParallel('shard_map', devices)
-  make = lambda: train.create_train_state(model, config, init_key)
-  state = dp.place_state(dp.create_state(make, in_place=True))  # No whole copy, also at D = 1.
+  # Built in place, part by part (no whole copy, also at D = 1).
+  state = dp.place_state(train.create_train_state(model, config, init_key,
+                                                  dp.builder(in_place=True)))
   step = train.map_train_step(dp, model, train.make_train_step(model, train_key))
   _, frozen = builders.frozen_item_tables(dp, model) if dp.sharded_items else ((), ())
   batches = catalogue._host_batches(counts)  # pylint: disable=protected-access
