@@ -297,6 +297,11 @@ def test_convergence_and_sparse_suites():
   assert (config.data.train_user_fraction, config.eval.every_epochs,
           config.train.num_epochs) == (0.1, 10, 2000)
   assert experiments.load_config('configs/convergence.py:id,0.25').eval.every_epochs == 4
+  dream = experiments.make_suite('ml1m_dreamrec')
+  assert [c.name for c in dream.cells[::3]] == ['alphafuse_s22', 'id_s22', 'idreamrec_s22']
+  argv = experiments.cell_command(dream.cells[4], pathlib.Path('w'))
+  assert argv[3].endswith('configs/dreamrec.py:id') and '--config.train.seed=23' in argv
+  assert '--config.train.learning_rate=1e-4' in argv and '--config.embedding.hidden_dim=384' in argv
   for bad in ('id,ten', 'id,0', 'id,1.5', 'dreamrec'):
     with pytest.raises(ValueError, match='convergence.py'):
       experiments.load_config(f'configs/convergence.py:{bad}')

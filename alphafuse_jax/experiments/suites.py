@@ -28,6 +28,14 @@ COLD_ITEMS_ROWS = ('alphafuse', 'morec', 'whitenrec', 'unisrec', 'llmesr', 'llmi
 CONVERGENCE_ROWS = ('alphafuse', 'id', 'llminit', 'whitenrec')
 SPARSE_ROWS = ('alphafuse', 'id', 'llminit')
 SPARSE_PERCENTS = (10, 25)
+# ml1m_dreamrec (issue 20 item 5): AlphaFuse-DreamRec against DreamRec-ID and iDreamRec at the
+# language width, trained to early stopping at a small learning rate within a CPU budget (the
+# authors train up to 1,000 epochs at 1e-5): at 1e-3 the ID table collapses through its own
+# diffusion target (BENCHMARKS.md), at 1e-4 it does not within an epoch. Up to 20 epochs of about
+# 3 minutes (h = 384, 2-core CPU) plus a 75 s validation each: at most about 80 minutes a cell.
+DREAMREC_ROWS = ('alphafuse', 'id', 'idreamrec')
+DREAMREC_OVERRIDES = ('--config.embedding.hidden_dim=384', '--config.train.learning_rate=1e-4',
+                      '--config.train.num_epochs=20', '--config.train.patience=3')
 # The module a cell runs: training, or the text-only ranker (no training).
 TRAIN_MODULE = 'alphafuse_jax.main'
 TEXT_RANKER_MODULE = 'alphafuse_jax.experiments.text_ranker'
@@ -143,6 +151,12 @@ def _convergence_cell(percent: int | None) -> Callable[[str, int, str], Cell]:
   return cell
 
 
+def _dreamrec_cell(variant: str, seed: int, results_dir: str = '') -> Cell:
+  del results_dir  # Every cell has its own workdir.
+  return Cell(f'{variant}_s{seed}', variant, seed, f'configs/dreamrec.py:{variant}',
+              DREAMREC_OVERRIDES)
+
+
 def _smoke_cell(variant: str, seed: int, results_dir: str) -> Cell:
   del results_dir
   overrides = (f'--config.embedding.pipeline={variant}',)
@@ -195,6 +209,12 @@ SUITES = {
         f'`configs/convergence.py:<pipeline>,{p / 100:g}`',
         f'configs/convergence.py:alphafuse,{p / 100:g}', SPARSE_ROWS, (22, 23), 'alphafuse',
         _convergence_cell(p)) for p in SPARSE_PERCENTS},
+    'ml1m_dreamrec': _SuiteSpec(
+        'DreamRec on MovieLens-1M cold-start users: AlphaFuse, ID and iDreamRec item embeddings '
+        'at h = 384, lr 1e-4, to early stopping (patience 3 validations, at most 20 epochs), '
+        '`configs/dreamrec.py:<pipeline>` with ' + ' '.join(f'`{o}`' for o in DREAMREC_OVERRIDES),
+        'configs/dreamrec.py:alphafuse', DREAMREC_ROWS, (22, 23, 24), 'alphafuse',
+        _dreamrec_cell),
     'smoke': _SuiteSpec(
         'smoke test: AlphaFuse and SASRec-ID on MovieLens-100K (`configs/tiny.py`)',
         'configs/tiny.py', ('alphafuse', 'id'), (22, 23), 'alphafuse', _smoke_cell),
