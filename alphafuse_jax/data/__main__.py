@@ -13,6 +13,7 @@ from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
 from alphafuse_jax import data
+from alphafuse_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (its data section).',
                                           lock_config=True)
@@ -26,8 +27,8 @@ def main(argv):
   tfds.disable_progress_bar()
   try:
     ds = data.load(_CONFIG.value.data)  # TFDS messages and logging go to stderr.
-  except (data.DataError, data.DataFileNotFoundError) as error:
-    sys.exit(f'alphafuse_jax.data: {error}')  # The message names the file and the fix.
+  except errors.AlphafuseError as error:  # Data and config errors (e.g. train_user_fraction).
+    sys.exit(f'alphafuse_jax.data: {error}')  # The message names the problem and the fix.
   print(json.dumps(ds.stats()), flush=True)
 
 
