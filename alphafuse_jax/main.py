@@ -73,8 +73,10 @@ def format_results(results) -> str:
   for name, m in rows:
     lines.append(f'| {name} | ' + ' | '.join(f'{m[c]:.4f}' for c in cols) +
                  f' | {m.get("count", "")} |')
+  eval_rate = results['eval_examples_per_second']  # None: no steady-state pass was timed.
   lines.append(f'\nbest epoch {results["best_epoch"]}; train {results["train_sequences_per_second"]:.0f}'
-               f' sequences/s; eval {results["eval_examples_per_second"]:.0f} examples/s; wall '
+               f' sequences/s; eval {"n/a" if eval_rate is None else f"{eval_rate:.0f}"} '
+               'examples/s; wall '
                f'{results["wall_seconds"]:.0f} s on {results["devices"]} device(s)')
   return '\n'.join(lines)
 

@@ -355,7 +355,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
       'best_epoch': progress.best_epoch,
       'epochs': progress.epochs_done,
       'train_sequences_per_second': progress.train_sequences / max(progress.train_seconds, 1e-9),
-      'eval_examples_per_second': (val_eval.examples + test_eval.examples) / max(eval_seconds, 1e-9),
+      # Steady-state passes only (each evaluator's first compiles): None when none ran (e.g. a
+      # finished run evaluated again), not a misleading 0.
+      'eval_examples_per_second': ((val_eval.examples + test_eval.examples) / eval_seconds
+                                   if val_eval.examples + test_eval.examples else None),
       'wall_seconds': time.perf_counter() - wall_start,
       'num_trainable_params': count_params(state.params),
       'devices': dp.num_devices,

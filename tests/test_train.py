@@ -107,6 +107,7 @@ def test_end_to_end_writes_results_and_resumes_finished_run(synthetic, tmp_path)
   assert results['test']['NDCG@20'] <= results['test']['HR@20']
   assert 1 <= results['best_epoch'] <= 3
   assert results['train_sequences_per_second'] > 0
+  assert results['eval_examples_per_second'] > 0  # Validations after the first are timed.
   # Where it ran and how: float32 by default; CPU reports no device memory statistics.
   import jax  # pylint: disable=g-import-not-at-top
   assert results['backend'] == jax.default_backend()
@@ -129,6 +130,8 @@ def test_end_to_end_writes_results_and_resumes_finished_run(synthetic, tmp_path)
   # A finished run restarted on its workdir does not train again and reports the same test.
   again = train_lib.train_and_evaluate(config, str(tmp_path))
   assert again['test'] == results['test']
+  # Each evaluator ran once (its compiling pass): no speed was measured, so none is reported.
+  assert again['eval_examples_per_second'] is None
   assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 3
 
 
