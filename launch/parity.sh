@@ -17,7 +17,8 @@ import json, sys
 r = json.load(open(sys.argv[1] + '/results.json'))
 print(f"{sys.argv[1]}: test NDCG@20 {r['test']['NDCG@20']:.4f} HR@20 {r['test']['HR@20']:.4f} "
       f"best epoch {r['best_epoch']} train {r['train_sequences_per_second']:.0f} seq/s "
-      f"eval {r['eval_examples_per_second']:.0f} ex/s wall {r['wall_seconds']:.0f} s")
+      f"eval {r['eval_examples_per_second'] or float('nan'):.0f} ex/s "  # null: not timed.
+      f"wall {r['wall_seconds']:.0f} s")
 PY
   done
 done
