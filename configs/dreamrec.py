@@ -92,9 +92,9 @@ def get_config(pipeline: str = 'alphafuse') -> config_dict.ConfigDict:
 
   Command (PIPELINE: any of `PIPELINES`, e.g. alphafuse, id, idreamrec):
     python -m alphafuse_jax.main --config=configs/dreamrec.py:PIPELINE --workdir=workdirs/dream
-  Expected (1 epoch, seed 22): test NDCG@20 0.0639 for AlphaFuse (h = 384; measured 2026-12-01,
-  and 0.0647 on another machine; the published 0.0492 of 2026-11-30 does not reproduce), 0.0003
-  for 'id' (2026-11-30). Runtime on this 2-core CPU: ~5.7 minutes an epoch at h = 384 (~1.1 at h = 128)
+  Expected (1 epoch): test NDCG@20 0.0656 +- 0.0018 over seeds 22-24 for AlphaFuse (h = 384;
+  seed 22: 0.0639; measured 2026-12-01; the published 0.0492 of 2026-11-30 does not reproduce),
+  0.0003 for 'id' (seed 22, 2026-11-30). Runtime on this 2-core CPU: ~5.7 minutes an epoch at h = 384 (~1.1 at h = 128)
   plus ~75 s per validation pass.
 
   Args:
