@@ -307,6 +307,32 @@ def test_convergence_and_sparse_suites():
       experiments.load_config(f'configs/convergence.py:{bad}')
 
 
+def test_leave_one_out_suite_and_its_report_text(tmp_path):
+  loo = experiments.make_suite('ml1m_loo')
+  assert loo.variants == ('alphafuse', 'id', 'llminit') and loo.seeds == (22, 23)
+  assert loo.cells[2].config == 'configs/leave_one_out.py:id' and loo.cells[2].seed == 22
+  for cell in loo.cells[::2]:
+    config = experiments.load_config(cell.config)
+    assert (config.embedding.pipeline, config.data.protocol, config.eval.exclude_seen,
+            config.eval.short_history) == (cell.variant, 'leave_one_out', True, 40)
+  # The README says what was ranked and which ts_user: leave-one-out, seen items excluded, 40.
+  suite = experiments.make_suite('smoke', seeds=[22])
+  for (variant, seed), ranks in RANKS.items():
+    if seed == 22:
+      write_cell(tmp_path / 'smoke' / 'runs' / f'{variant}_s{seed}', ranks)
+  summary = experiments.build_report(suite, str(tmp_path), train_item_counts=COUNTS,
+                                     short_history=13, protocol='leave_one_out',
+                                     exclude_seen=True)
+  readme = (tmp_path / 'smoke' / 'README.md').read_text()
+  assert "already-seen items excluded" in readme and 'Leave-one-out' in readme
+  assert '`ts_user=13`' in readme and 'cold-start user' not in readme
+  assert 'no history masking' not in readme
+  # Positions 3, 12, 2 of 15 are short at 13: alphafuse s22's ranks 1, 1, 100 -> NDCG@10 2/3.
+  assert summary['cells']['alphafuse_s22']['groups']['short_users']['count'] == 3
+  assert summary['cells']['alphafuse_s22']['groups']['short_users']['NDCG@10'] == pytest.approx(
+      2 / 3)
+
+
 def test_cell_environment_defaults(tmp_path, monkeypatch):
   suite = experiments.make_suite('ml1m_sasrec', seeds=[22], variants=['alphafuse', 'unisrec'])
   by_name = {c.name: c for c in suite.cells}

@@ -11,8 +11,9 @@ a failed one is reported with its log and the suite goes on, exiting nonzero at 
 The report (`<results_dir>/<suite>/README.md`, `summary.json` and PNG plots) gives mean +- sample
 std (ddof=1) over seeds of HR@10/20 and NDCG@10/20, overall and for tail/head target items and
 short/long users, computed from each cell's `test_ranks.npz` with `evaluation.group_masks` at
-this command's thresholds; a paired comparison of every variant against the suite's baseline
-calls a difference a tie when it is smaller than the seeds' spread.
+the suite config's thresholds (or --short_history/--head_fraction); a paired comparison of every
+variant against the suite's baseline calls a difference a tie when it is smaller than the
+seeds' spread.
 """
 
 import pathlib
@@ -35,10 +36,12 @@ flags.DEFINE_list('pipelines', None, 'Rows to run/report (default: all of the su
 flags.DEFINE_bool('report_only', False, 'Only (re)write the report from existing runs.')
 flags.DEFINE_string('results_dir', 'results', 'Root of results/<suite>/.')
 flags.DEFINE_string('publish_dir', '', 'Also copy README.md and the PNGs here.')
-flags.DEFINE_integer('short_history', report.DEFAULT_SHORT_HISTORY,
-                     'Short users: fewer than this many items before the target.')
-flags.DEFINE_float('head_fraction', report.DEFAULT_HEAD_FRACTION,
-                   'Head items: this fraction of the most interacted in train.')
+flags.DEFINE_integer('short_history', None,
+                     'Short users: fewer than this many items before the target (default: the '
+                     "suite config's config.eval.short_history).")
+flags.DEFINE_float('head_fraction', None,
+                   'Head items: this fraction of the most interacted in train (default: the '
+                   "suite config's config.eval.head_fraction).")
 flags.DEFINE_bool('spectrum', True, 'Draw the language-embedding spectrum plot.')
 
 

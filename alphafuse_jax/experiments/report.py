@@ -185,7 +185,9 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
                  spectrum: Callable[[pathlib.Path], dict[str, Any]] | None = None,
                  sweep_suite: Suite | None = None, command: str = '',
                  sampled_negatives: int | None = None,
-                 random_levels: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 random_levels: Mapping[str, Any] | None = None,
+                 protocol: str = 'cold_start_users', exclude_seen: bool = False
+                 ) -> dict[str, Any]:
   """Writes README.md, summary.json and the plots into `<results_dir>/<suite>/`; returns the summary.
 
   Args:
@@ -197,6 +199,8 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
       does not record it.
     random_levels: a cold_start_items suite's `cold_items.random_levels`: adds the headline
       table of new items and its plot.
+    protocol, exclude_seen: the suite config's `data.protocol` and `eval.exclude_seen`, for the
+      README's description of what was ranked.
   """
   out_dir = pathlib.Path(results_dir) / suite.name
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +245,8 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
   summary = {
       'suite': suite.name, 'description': suite.description, 'generated': now_utc(),
       'command': command, 'seeds': list(suite.seeds), 'variants': list(suite.variants),
-      'baseline': suite.baseline, 'short_history': short_history,
+      'baseline': suite.baseline, 'protocol': protocol, 'exclude_seen': bool(exclude_seen),
+      'short_history': short_history,
       'head_fraction': head_fraction, 'num_items': int(len(is_head)),
       'num_head_items': int(is_head.sum()), 'std': 'sample std over seeds (ddof=1)',
       'cells': {c.cell.name: {'variant': c.cell.variant, 'seed': c.cell.seed, 'status': c.status,
@@ -276,11 +281,20 @@ def publish(suite: Suite, results_dir: str, publish_dir: str) -> list[pathlib.Pa
   return copied
 
 
-def report_from_config(suite: Suite, results_dir: str, *, short_history: int,
-                       head_fraction: float, with_spectrum: bool, command: str) -> dict[str, Any]:
-  """`build_report` with the item counts (and spectrum) of the suite's dataset."""
+def report_from_config(suite: Suite, results_dir: str, *, short_history: int | None,
+                       head_fraction: float | None, with_spectrum: bool, command: str
+                       ) -> dict[str, Any]:
+  """`build_report` with the item counts (and spectrum) of the suite's dataset.
+
+  `short_history` and `head_fraction` default (None) to the suite config's `config.eval` values,
+  the thresholds its runs' own results.json groups used.
+  """
   from alphafuse_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   config = load_config(suite.config)
+  if short_history is None:
+    short_history = int(config.eval.short_history)
+  if head_fraction is None:
+    head_fraction = float(config.eval.head_fraction)
   dataset = data_lib.load(config.data)
   spectrum = None
   # The ID row has no language vectors; a suite may turn the spectrum off.
@@ -295,7 +309,8 @@ def report_from_config(suite: Suite, results_dir: str, *, short_history: int,
                       spectrum=spectrum, sweep_suite=sweep_suite, command=command,
                       sampled_negatives=config.eval.sampled_negatives or None,
                       random_levels=(None if dataset.new_items is None else
-                                     cold_items.random_levels(dataset)))
+                                     cold_items.random_levels(dataset)),
+                      protocol=config.data.protocol, exclude_seen=bool(config.eval.exclude_seen))
 
 
 
@@ -305,6 +320,32 @@ def _fmt(stat: Mapping[str, Any]) -> str:
   if stat['n'] <= 1:
     return f'{stat["mean"]:.4f} (1 seed)' if stat['n'] else '-'
   return f'{stat["mean"]:.4f} ± {stat["std"]:.4f}'
+
+
+def _protocol_line(summary: Mapping[str, Any]) -> str:
+  """The README line that says which users and targets the test split holds."""
+  if summary.get('cold_items'):
+    return ('- Every test target is a new item by the protocol (`cold_start_items`): the newest '
+            'items by first interaction never appear in training, as target or in a history.')
+  if summary.get('protocol') == 'leave_one_out':
+    return ("- Leave-one-out (`leave_one_out`): each user's last item is the test target and the "
+            'one before it the validation target; every user also trains on the items before.')
+  return ('- Every test user is a cold-start user by the protocol: train, validation and test '
+          'users are disjoint (`cold_start_users`), so no test user appears in training.')
+
+
+def _short_history_note(summary: Mapping[str, Any]) -> str:
+  """Which `ts_user` the report's short-user threshold is, and why."""
+  sh = summary['short_history']
+  if sh == DEFAULT_SHORT_HISTORY:
+    return (f'at its default `--ts_user={sh}` (main.py; its per-dataset scripts use 12, 3 and '
+            '9).' + (' 10 is also our history window `max_len` of the cold-start suites, so '
+                     'counting the items before the target or the non-pad items of the model '
+                     'input gives the same split.'
+                     if summary.get('protocol') != 'leave_one_out' else ''))
+  return (f'with `ts_user={sh}` set for this dataset by the suite config '
+          f'(`config.eval.short_history`; LLM-ESR\'s default is {DEFAULT_SHORT_HISTORY}, and its '
+          'scripts set a threshold per dataset).')
 
 
 def _group_title(group: str, short_history: int, head_fraction: float) -> str:
@@ -365,21 +406,16 @@ def render_readme(suite: Suite, summary: Mapping[str, Any]) -> str:
            f'Generated {summary["generated"]}' +
            (f' by `{summary["command"]}`.' if summary['command'] else '.'), '',
            '- Full-ranking test metrics (the target ranked among all '
-           f'{summary["num_items"]} items, no history masking), mean ± sample std (ddof=1) over '
-           'seeds; "(1 seed)" has no std.',
-           ('- Every test target is a new item by the protocol (`cold_start_items`): the newest '
-            'items by first interaction never appear in training, as target or in a history.'
-            if summary.get('cold_items') else
-            '- Every test user is a cold-start user by the protocol: train, validation and test '
-            'users are disjoint (`cold_start_users`), so no test user appears in training.'),
+           f'{summary["num_items"]} items, ' +
+           ("each user's already-seen items excluded" if summary.get('exclude_seen') else
+            'no history masking') +
+           '), mean ± sample std (ddof=1) over seeds; "(1 seed)" has no std.',
+           _protocol_line(summary),
            f'- Head items: the {hf:.0%} most interacted in train ({summary["num_head_items"]} of '
            f'{summary["num_items"]}); tail items: the rest.',
            f'- Short users: fewer than {sh} items before the target; long users: {sh} or more. '
            f"This is LLM-ESR's user split (`seq_len < ts_user`, liuqidong07/LLM-ESR "
-           '`utils/utils.py:metric_len_report`) at its default `--ts_user=10` (main.py; its '
-           'per-dataset scripts use 12, 3 and 9). 10 is also our history window `max_len`, so '
-           'counting the items before the target or the non-pad items of the model input gives '
-           'the same split.']
+           '`utils/utils.py:metric_len_report`), ' + _short_history_note(summary)]
   env = sorted({f'`{k}={v}`' for c in suite.cells for k, v in c.env})
   if env:
     rows = sorted({c.variant for c in suite.cells if c.env})

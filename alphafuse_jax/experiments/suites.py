@@ -36,6 +36,9 @@ SPARSE_PERCENTS = (10, 25)
 DREAMREC_ROWS = ('alphafuse', 'id', 'idreamrec')
 DREAMREC_OVERRIDES = ('--config.embedding.hidden_dim=384', '--config.train.learning_rate=1e-4',
                       '--config.train.num_epochs=20', '--config.train.patience=3')
+# ml1m_loo (issue 20 item 2): the literature's leave-one-out protocol (configs/leave_one_out.py:
+# Kang & McAuley's blocks at one width for every row, full-softmax CE, seen items excluded).
+LOO_ROWS = ('alphafuse', 'id', 'llminit')
 # The module a cell runs: training, or the text-only ranker (no training).
 TRAIN_MODULE = 'alphafuse_jax.main'
 TEXT_RANKER_MODULE = 'alphafuse_jax.experiments.text_ranker'
@@ -157,6 +160,11 @@ def _dreamrec_cell(variant: str, seed: int, results_dir: str = '') -> Cell:
               DREAMREC_OVERRIDES)
 
 
+def _loo_cell(variant: str, seed: int, results_dir: str = '') -> Cell:
+  del results_dir  # Every cell has its own workdir.
+  return Cell(f'{variant}_s{seed}', variant, seed, f'configs/leave_one_out.py:{variant}')
+
+
 def _smoke_cell(variant: str, seed: int, results_dir: str) -> Cell:
   del results_dir
   overrides = (f'--config.embedding.pipeline={variant}',)
@@ -215,6 +223,12 @@ SUITES = {
         '`configs/dreamrec.py:<pipeline>` with ' + ' '.join(f'`{o}`' for o in DREAMREC_OVERRIDES),
         'configs/dreamrec.py:alphafuse', DREAMREC_ROWS, (22, 23, 24), 'alphafuse',
         _dreamrec_cell),
+    'ml1m_loo': _SuiteSpec(
+        'SASRec pipelines on MovieLens-1M leave-one-out (5-core, full ranking with seen items '
+        "excluded, Kang & McAuley's blocks, full-softmax CE at every position) trained to early "
+        'stopping (patience 20 validations on val NDCG@20, at most 200 epochs), '
+        '`configs/leave_one_out.py:<pipeline>`',
+        'configs/leave_one_out.py:alphafuse', LOO_ROWS, (22, 23), 'alphafuse', _loo_cell),
     'smoke': _SuiteSpec(
         'smoke test: AlphaFuse and SASRec-ID on MovieLens-100K (`configs/tiny.py`)',
         'configs/tiny.py', ('alphafuse', 'id'), (22, 23), 'alphafuse', _smoke_cell),
