@@ -43,8 +43,9 @@ def get_config(arg: str = 'alphafuse') -> config_dict.ConfigDict:
     python -m alphafuse_jax.main --config=configs/convergence.py:PIPELINE[,FRACTION] --workdir=W
   """
   pipeline, _, fraction = arg.partition(',')
-  if pipeline not in _suite.PIPELINES:
-    raise ValueError(f'convergence.py:{arg}: the pipeline must be one of {_suite.PIPELINES}.')
+  if pipeline not in _suite.PIPELINES + _suite.VARIANTS:
+    raise ValueError(f'convergence.py:{arg}: the pipeline must be one of {_suite.PIPELINES} or '
+                     f'a variant {_suite.VARIANTS}.')
   config = _suite.get_config(pipeline)
   config.train.num_epochs = MAX_EPOCHS
   config.train.patience = PATIENCE

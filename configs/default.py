@@ -195,7 +195,8 @@ def get_config() -> config_dict.ConfigDict:
   # Item embeddings: the pipeline and the decomposition.
   config.embedding = config_dict.ConfigDict()
   # 'alphafuse', 'id', 'llminit', 'morec', 'whitenrec', 'unisrec', 'rlmrec', 'llmesr', 'idreamrec'
-  # (alphafuse_jax.embeddings.registry; 'idreamrec' is DreamRec-only). Default: the paper's method.
+  # (alphafuse_jax.embeddings.registry; 'idreamrec' is DreamRec-only), or the variant
+  # 'alphafuse_anchor' (not the paper's). Default: the paper's method.
   config.embedding.pipeline = 'alphafuse'
   # Width k of the fused item embedding (kept principal directions); 128 as in the authors'
   # Movies command.
@@ -222,6 +223,10 @@ def get_config() -> config_dict.ConfigDict:
   config.embedding.eigenvalue_floor = config_dict.placeholder(float)
   # Weight (beta) of the RLMRec / LLM-ESR auxiliary losses.
   config.embedding.aux_weight = 0.1
+  # 'alphafuse_anchor' (a variant, not the paper's AlphaFuse): the weight of the anchor that
+  # pulls its semantic-dim offsets back to zero (mean over items of their squared norm); 0 frees
+  # them, larger keeps the model nearer AlphaFuse.
+  config.embedding.anchor_weight = 1.0
   # RLMRec reconstruction direction: 'con' (language -> ID, reference default) or 'gen'.
   config.embedding.rlmrec_alignment = 'con'
   # LLM-ESR adapter middle width; None = d_l // 2 (the reference SASRec's).

@@ -33,6 +33,9 @@ from configs import default as _default  # pylint: disable=g-import-not-at-top
 # The eight SASRec pipelines of the paper's comparison (the authors' --model_type values), from
 # the registry.
 PIPELINES = registry.pipelines_for('sasrec')
+# Variants beyond the paper that a cell may also run, each reported under its own name (never as
+# AlphaFuse): AlphaFuse-Anchor (configs/convergence.py's ml1m_anchor suite).
+VARIANTS = ('alphafuse_anchor',)
 # Epochs per cell: the suite's equal training budget.
 NUM_EPOCHS = 3
 
@@ -48,16 +51,17 @@ def get_config(pipeline: str = 'alphafuse') -> config_dict.ConfigDict:
   for the 24 cells. Models are still improving at 3 epochs: the suite compares at equal budget.
 
   Args:
-    pipeline: config.embedding.pipeline; one of `PIPELINES`.
+    pipeline: config.embedding.pipeline; one of `PIPELINES` or `VARIANTS`.
   """
-  if pipeline not in PIPELINES:
-    raise ValueError(f'suite.py:{pipeline}: the pipeline must be one of {PIPELINES}.')
+  if pipeline not in PIPELINES + VARIANTS:
+    raise ValueError(f'suite.py:{pipeline}: the pipeline must be one of {PIPELINES} or a '
+                     f'variant {VARIANTS}.')
   config = _default.get_config()
   config.embedding.pipeline = pipeline
   # Zeros suit AlphaFuse (the ID starts as a no-op on the language table); every trainable ID
   # table of the other pipelines starts N(0, 1), the reference's --ID_embs_init_type default (a
   # pure ID table from zeros does not learn). LLMInit and LLM-ESR initialise theirs from text.
-  config.embedding.id_init = 'zeros' if pipeline == 'alphafuse' else 'normal'
+  config.embedding.id_init = 'zeros' if pipeline in ('alphafuse', 'alphafuse_anchor') else 'normal'
   if pipeline == 'whitenrec':
     # WhitenRec whitens all d_l = 384 MiniLM directions, three of which have numerically-zero
     # eigenvalues on ML-1M: clamp them as configs/dreamrec.py does (derivation there).

@@ -169,6 +169,55 @@ def test_alphafuse_gradients_reach_only_the_id_table():
   assert np.all(np.abs(after[:, H - NULL:] - frozen_before[:, H - NULL:]) > 0)
 
 
+# ---- the variant AlphaFuse-Anchor ---------------------------------------------------------------
+def test_alphafuse_anchor_starts_as_alphafuse_and_its_anchor_matches_numpy():
+  x = language()
+  anchor, a_vars, ids = build('alphafuse_anchor', x, id_init='normal', anchor_weight=0.5)
+  fused, f_vars, _ = build('alphafuse', x, id_init='normal')
+  # Trainable: one [N + 1, k] table (41 * 8 = 328): k - n offsets and AlphaFuse's n ID columns.
+  assert shapes(a_vars) == {'id_table': (N + 1, H)} and anchor.features == H
+  table = check_interface(anchor, a_vars, ids)
+  # At initialisation: zero offsets, and the ID columns are exactly AlphaFuse's draw from the
+  # same key, so the two tables are the same float32 sums.
+  np.testing.assert_array_equal(a_vars['params']['id_table'][:, :H - NULL], 0.0)
+  np.testing.assert_array_equal(a_vars['params']['id_table'][:, H - NULL:],
+                                f_vars['params']['id_table'])
+  np.testing.assert_array_equal(table, fused.apply(f_vars, method='table'))
+  assert float(anchor.apply(a_vars, deterministic=True, method='auxiliary_loss')) == 0.0
+  # Random offsets: the table is L + T and the anchor 0.5 x mean_i ||T_i[:k - n]||^2 over the
+  # N items (the pad row not counted), against float64 numpy.
+  t = np.asarray(jax.random.normal(jax.random.key(4), (N + 1, H)), np.float64)
+  params = {'id_table': jnp.asarray(t, jnp.float32)}
+  expected = oracle_projection(x, H) + t[:N]
+  got = np.asarray(anchor.apply({'params': params}, method='table'), np.float64)
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+  aux = float(anchor.apply({'params': params}, deterministic=True, method='auxiliary_loss'))
+  expected_aux = 0.5 * np.mean(np.sum(t[:N, :H - NULL] ** 2, axis=1))
+  assert aux == pytest.approx(expected_aux, rel=1e-5)
+  # Its gradient reaches the offsets only (2 x 0.5 x T / N), never the ID columns or the pad row.
+  grads = jax.grad(lambda p: anchor.apply({'params': p}, deterministic=True,
+                                          method='auxiliary_loss'))(params)['id_table']
+  np.testing.assert_allclose(grads[:N, :H - NULL], t[:N, :H - NULL] / N, rtol=1e-5, atol=1e-7)
+  assert np.all(np.asarray(grads[:, H - NULL:]) == 0) and np.all(np.asarray(grads[N]) == 0)
+
+
+def test_alphafuse_anchor_config_errors_and_registry():
+  for weight in (-1.0, float('nan')):
+    with pytest.raises(ValueError, match='anchor_weight'):
+      emb.make_item_embedding(config('alphafuse_anchor', anchor_weight=weight), num_items=N,
+                              language_embeddings=language(), item_counts=None)
+  with pytest.raises(ValueError, match='cover=True only applies'):
+    emb.make_item_embedding(config('alphafuse_anchor', cover=True), num_items=N,
+                            language_embeddings=language(), item_counts=None)
+  with pytest.raises(ValueError, match='null_dim=8 must be < hidden_dim=8'):
+    emb.make_item_embedding(config('alphafuse_anchor', null_dim=H), num_items=N,
+                            language_embeddings=language(), item_counts=None)
+  # A variant, in no paper suite, and a text map (a new item gets its text row).
+  assert 'alphafuse_anchor' not in emb.pipelines_for('sasrec')
+  assert 'alphafuse_anchor' not in emb.pipelines_for('dreamrec')
+  assert emb.get_pipeline('alphafuse_anchor').text_map
+
+
 def test_llminit():
   x = language()
   module, variables, ids = build('llminit', x)

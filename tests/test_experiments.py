@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import math
+import os
 import pathlib
 import statistics
 import subprocess
@@ -305,6 +306,21 @@ def test_convergence_and_sparse_suites():
   for bad in ('id,ten', 'id,0', 'id,1.5', 'dreamrec'):
     with pytest.raises(ValueError, match='convergence.py'):
       experiments.load_config(f'configs/convergence.py:{bad}')
+
+
+def test_anchor_variant_suite_reuses_the_convergence_runs():
+  suite = experiments.make_suite('ml1m_anchor', results_dir='res')
+  assert suite.variants == ('alphafuse', 'id', 'alphafuse_anchor_w1', 'alphafuse_anchor_w10',
+                            'alphafuse_anchor_w100') and suite.baseline == 'alphafuse'
+  by_name = {c.name: c for c in suite.cells}
+  assert by_name['id_s23'].workdir == os.path.join('res', 'ml1m_convergence', 'runs', 'id_s23')
+  cell = by_name['alphafuse_anchor_w10_s22']
+  assert cell.workdir is None and cell.overrides == ('--config.embedding.anchor_weight=10',)
+  argv = experiments.cell_command(cell, pathlib.Path('w'))
+  assert argv[3].endswith('configs/convergence.py:alphafuse_anchor')
+  config = experiments.load_config(cell.config)
+  assert (config.embedding.pipeline, config.embedding.id_init, config.train.patience) == (
+      'alphafuse_anchor', 'zeros', 10)
 
 
 def test_leave_one_out_suite_and_its_report_text(tmp_path):

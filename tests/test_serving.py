@@ -261,7 +261,8 @@ class Holder(nn.Module):
     return self.item_embedding.table(deterministic=True)
 
 
-@pytest.mark.parametrize('pipeline', ['morec', 'whitenrec', 'unisrec', 'llmesr', 'llminit'])
+@pytest.mark.parametrize('pipeline', ['morec', 'whitenrec', 'unisrec', 'llmesr', 'llminit',
+                                      'alphafuse_anchor'])
 def test_new_item_rows_of_adapter_pipelines_match_numpy(pipeline):
   x, x_new = emb_tests.language(), emb_tests.language(n=3, seed=5)
   module, variables, _ = emb_tests.build(pipeline, x)
@@ -293,7 +294,8 @@ def test_new_item_rows_of_adapter_pipelines_match_numpy(pipeline):
     text = x_new @ p['adapter_in']['kernel'] + p['adapter_in']['bias']
     text = text @ p['adapter_out']['kernel'] + p['adapter_out']['bias']
     expected = np.concatenate([np.zeros_like(text), text], axis=1)
-  else:  # LLMInit with initial rows: the new ID rows are the top-8 whitened projection.
+  else:  # LLMInit with initial rows: the new ID rows are the top-8 whitened projection; the
+    # AlphaFuse-Anchor variant: the same text row with a zero offset and a zero ID.
     mean, projection = whitening(x, emb_tests.H)
     expected = (x_new - mean) @ projection
   np.testing.assert_allclose(table[len(x):], expected, rtol=1e-4, atol=1e-4)

@@ -2,7 +2,7 @@
 
   base.py       the contract (`ItemEmbedding`), frozen host tables, ID-table initialisers
   pipelines.py  the modules: ID, LLMInit, AlphaFuse, MoRec/WhitenRec, UniSRec, RLMRec, LLM-ESR's
-                item side, iDreamRec's frozen table
+                item side, iDreamRec's frozen table, and the variant AlphaFuse-Anchor
   registry.py   the registry of named pipelines (`PIPELINES`, the one list) and the factory
 """
 
@@ -13,6 +13,7 @@ from alphafuse_jax.embeddings.base import id_initializer
 from alphafuse_jax.embeddings.base import sparse_init
 from alphafuse_jax.embeddings.pipelines import AdapterEmbedding
 from alphafuse_jax.embeddings.pipelines import AlphaFuseEmbedding
+from alphafuse_jax.embeddings.pipelines import AnchoredAlphaFuseEmbedding
 from alphafuse_jax.embeddings.pipelines import FrozenLanguageEmbedding
 from alphafuse_jax.embeddings.pipelines import IDEmbedding
 from alphafuse_jax.embeddings.pipelines import LLMESREmbedding

@@ -203,14 +203,15 @@ def text_map(config_embedding: Any, *, language_embeddings: np.ndarray,
                                            and module.features == x.shape[1]):
     return TextMap(pipeline.name, None, None, False, None, None, False)
   with jax.enable_x64(True):
-    if pipeline.name in ('alphafuse', 'llminit'):  # _Inputs.semantic: the run's weights.
+    if pipeline.name in ('alphafuse', 'alphafuse_anchor', 'llminit'):  # _Inputs.semantic.
       weights = np.asarray(item_counts, np.float64) if cfg.item_frequency_weighting else None
       space = _fit_space(x, weights, cfg.frequency_weighting, fit_items)
-      fused = pipeline.name == 'alphafuse'
+      fused = pipeline.name != 'llminit'
       return TextMap(pipeline.name, jax.tree.map(np.asarray, space),
                      module.language_table.dim if fused else module.features,
                      bool(cfg.standardize), cfg.eigenvalue_floor,
-                     module.null_dim if fused else None, bool(fused and module.cover))
+                     module.null_dim if fused else None,
+                     bool(fused and getattr(module, 'cover', False)))
     if pipeline.name in _WHITENED_TEXT_TABLES:  # _Inputs.whitened_full: uniform weights.
       space = _fit_space(x, None, 'weighted', fit_items)
       return TextMap(pipeline.name, jax.tree.map(np.asarray, space), x.shape[1], True,
@@ -250,6 +251,16 @@ def _alphafuse(a: _Inputs) -> nn.Module:
                      f'hidden_dim={hidden}; lower config.embedding.null_threshold.')
   return P.AlphaFuseEmbedding(a.num_items, FrozenTable(table), nullity, bool(cfg.cover),
                               cfg.id_init)
+
+
+def _alphafuse_anchor(a: _Inputs) -> nn.Module:
+  weight = a.cfg.anchor_weight
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+    raise ValueError(f'config.embedding.anchor_weight={weight!r} must be a number >= 0 (0 frees '
+                     'the semantic dims; larger keeps them nearer AlphaFuse).')
+  fused = _alphafuse(a)  # AlphaFuse's checks and its table (cover is refused before this).
+  return P.AnchoredAlphaFuseEmbedding(a.num_items, fused.language_table, fused.null_dim,
+                                      a.cfg.id_init, float(weight))
 
 
 def _llminit(a: _Inputs) -> nn.Module:
@@ -312,6 +323,10 @@ REGISTRY: dict[str, Pipeline] = {p.name: p for p in (
              "LLM-ESR's dual view: an SI ID table beside an adapted text table"),
     Pipeline('idreamrec', _idreamrec, True, True, ('dreamrec',),
              'the frozen fully whitened language table itself'),
+    # A variant beyond the paper (issue 20 item 6), in no paper suite: reported under its own name.
+    Pipeline('alphafuse_anchor', _alphafuse_anchor, True, True, (),
+             "AlphaFuse-Anchor (a variant, not the paper's AlphaFuse): AlphaFuse whose semantic "
+             'dims get a trainable offset anchored to zero (config.embedding.anchor_weight)'),
 )}
 PIPELINES = tuple(REGISTRY)
 

@@ -36,6 +36,10 @@ SPARSE_PERCENTS = (10, 25)
 DREAMREC_ROWS = ('alphafuse', 'id', 'idreamrec')
 DREAMREC_OVERRIDES = ('--config.embedding.hidden_dim=384', '--config.train.learning_rate=1e-4',
                       '--config.train.num_epochs=20', '--config.train.patience=3')
+# ml1m_anchor (issue 20 item 6): the variant AlphaFuse-Anchor at convergence, one row per anchor
+# weight (chosen on validation), beside ml1m_convergence's AlphaFuse and ID runs (reused).
+ANCHOR_WEIGHTS = (1, 10, 100)
+ANCHOR_REUSED_ROWS = ('alphafuse', 'id')
 # ml1m_loo (issue 20 item 2): the literature's leave-one-out protocol (configs/leave_one_out.py:
 # Kang & McAuley's blocks at one width for every row, full-softmax CE, seen items excluded).
 LOO_ROWS = ('alphafuse', 'id', 'llminit')
@@ -154,6 +158,19 @@ def _convergence_cell(percent: int | None) -> Callable[[str, int, str], Cell]:
   return cell
 
 
+def _anchor_weight(variant: str) -> int:
+  return int(variant.removeprefix('alphafuse_anchor_w'))
+
+
+def _anchor_cell(variant: str, seed: int, results_dir: str) -> Cell:
+  if variant in ANCHOR_REUSED_ROWS:  # ml1m_convergence's run of this row and seed.
+    cell = _convergence_cell(None)(variant, seed)
+    return dataclasses.replace(cell, workdir=os.path.join(results_dir, 'ml1m_convergence',
+                                                          'runs', cell.name))
+  return Cell(f'{variant}_s{seed}', variant, seed, 'configs/convergence.py:alphafuse_anchor',
+              (f'--config.embedding.anchor_weight={_anchor_weight(variant)}',))
+
+
 def _dreamrec_cell(variant: str, seed: int, results_dir: str = '') -> Cell:
   del results_dir  # Every cell has its own workdir.
   return Cell(f'{variant}_s{seed}', variant, seed, f'configs/dreamrec.py:{variant}',
@@ -223,6 +240,15 @@ SUITES = {
         '`configs/dreamrec.py:<pipeline>` with ' + ' '.join(f'`{o}`' for o in DREAMREC_OVERRIDES),
         'configs/dreamrec.py:alphafuse', DREAMREC_ROWS, (22, 23, 24), 'alphafuse',
         _dreamrec_cell),
+    'ml1m_anchor': _SuiteSpec(
+        "The variant AlphaFuse-Anchor (not the paper's AlphaFuse: its semantic dims get a "
+        'trainable offset pulled to zero by `config.embedding.anchor_weight` x the mean squared '
+        'offset norm; rows `alphafuse_anchor_w<weight>`) on MovieLens-1M cold-start users to '
+        'early stopping, `configs/convergence.py:alphafuse_anchor`, beside ml1m_convergence\'s '
+        'AlphaFuse and SASRec-ID runs (reused, not rerun)',
+        'configs/convergence.py:alphafuse',
+        ANCHOR_REUSED_ROWS + tuple(f'alphafuse_anchor_w{w}' for w in ANCHOR_WEIGHTS), (22, 23),
+        'alphafuse', _anchor_cell),
     'ml1m_loo': _SuiteSpec(
         'SASRec pipelines on MovieLens-1M leave-one-out (5-core, full ranking with seen items '
         "excluded, Kang & McAuley's blocks, full-softmax CE at every position) trained to early "
