@@ -209,6 +209,11 @@ def get_config() -> config_dict.ConfigDict:
   config.embedding.null_threshold = config_dict.placeholder(float)
   # True: the ID replaces the last n dims; False: it is added to them (reference default).
   config.embedding.cover = False
+  # AlphaFuse (and AlphaFuse-Anchor) use language_scale x the whitened table; LLMInit starts its
+  # table there. 1 as in the reference, whose block takes unit-variance rows; Kang & McAuley's
+  # standard block (x sqrt(h) at the input, the table shared by the output logits) wants rows on
+  # the scale of its Xavier-initialised ID table (configs/leave_one_out.py).
+  config.embedding.language_scale = 1.0
   # Whiten kept directions (divide by sqrt(eigenvalue)); True as in the reference.
   config.embedding.standardize = True
   # ID table init: 'zeros', 'normal', 'uniform', 'xavier', 'orthogonal', 'sparse'. Zeros suits

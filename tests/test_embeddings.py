@@ -232,6 +232,27 @@ def test_llminit():
   np.testing.assert_allclose(module.apply(variables, method='table'), x, rtol=1e-6)
 
 
+def test_language_scale_scales_the_language_rows_only():
+  x = language()
+  # AlphaFuse and its variant: 0.25 x the whitened projection, the ID (and offsets) unscaled.
+  for pipeline in ('alphafuse', 'alphafuse_anchor'):
+    module, variables, ids = build(pipeline, x, id_init='normal', language_scale=0.25)
+    table = check_interface(module, variables, ids)
+    expected = 0.25 * oracle_projection(x, H)
+    expected[:, H - NULL:] += np.asarray(variables['params']['id_table'][:N, -NULL:])
+    np.testing.assert_allclose(table, expected, atol=1e-5)
+  # LLMInit starts at 0.25 x its table; the padding row at zero.
+  module, variables, ids = build('llminit', x, language_scale=0.25)
+  np.testing.assert_allclose(check_interface(module, variables, ids),
+                             0.25 * oracle_projection(x, H), atol=1e-5)
+  np.testing.assert_array_equal(variables['params']['id_table'][N], np.zeros(H))
+  for bad in (0.0, -1.0, float('inf')):
+    with pytest.raises(ValueError, match='language_scale=.* must be a finite number > 0'):
+      build('alphafuse', x, language_scale=bad)
+  with pytest.raises(ValueError, match="language_scale=2.0 only applies to .* not 'morec'"):
+    build('morec', x, language_scale=2.0)
+
+
 def test_morec():
   x = language()
   module, variables, ids = build('morec', x)

@@ -305,6 +305,21 @@ def test_new_item_rows_of_adapter_pipelines_match_numpy(pipeline):
       np.testing.assert_array_equal(leaf[-1], params['item_embedding']['id_table'][-1])
 
 
+@pytest.mark.parametrize('pipeline', ['alphafuse', 'llminit'])
+def test_new_item_rows_follow_the_language_scale(pipeline):
+  x, x_new = emb_tests.language(), emb_tests.language(n=3, seed=5)
+  module, variables, _ = emb_tests.build(pipeline, x, language_scale=0.5)
+  params = {'item_embedding': variables['params']}
+  text_map = registry.text_map(emb_tests.config(pipeline, language_scale=0.5),
+                               language_embeddings=x, item_counts=None, initial_rows=True)
+  extended, new_params = serving.extend_model(Holder(module), params, text_map, x_new)
+  table = np.asarray(extended.apply({'params': new_params}, method='item_table'), np.float64)
+  mean, projection = whitening(x, emb_tests.H)
+  # AlphaFuse: 0.5 x the text row and a zero ID; LLMInit: its initial row, 0.5 x the text row.
+  np.testing.assert_allclose(table[len(x):], 0.5 * (x_new - mean) @ projection, rtol=1e-4,
+                             atol=1e-4)
+
+
 # ---- chunked top-k -------------------------------------------------------------------------------
 @pytest.mark.parametrize('chunk_size, k, group_size', [
     (8, 5, 128), (5, 9, 128), (64, 37, 128),  # One top-k per chunk.

@@ -74,18 +74,23 @@ class SemanticInitEmbedding(_TrainableTable):
     initial_table: [N, hidden_dim] initial values (raw scaled vectors when d_l == hidden_dim,
       else the top-hidden_dim projection); the padding row starts at zero.
     row_multiple: the table's rows are padded to a multiple of it (the model-shard count).
+    language_scale: the table starts at language_scale x initial_table
+      (config.embedding.language_scale; 1 as in the reference).
   """
   num_items: int
   initial_table: FrozenTable
   row_multiple: int = 1
+  language_scale: float = 1.0
 
   @property
   def features(self) -> int:
     return self.initial_table.dim
 
   def setup(self):
-    self.id_table = self.param(
-        'id_table', lambda _: jnp.asarray(pad_rows(self.initial_table.padded, self.row_multiple)))
+    def init(_):
+      table = jnp.asarray(pad_rows(self.initial_table.padded, self.row_multiple))
+      return table if self.language_scale == 1.0 else table * self.language_scale
+    self.id_table = self.param('id_table', init)
 
 
 # ---- AlphaFuse ---------------------------------------------------------------------------------
@@ -99,6 +104,8 @@ class AlphaFuseEmbedding(ItemEmbedding):
     cover: False adds the ID into the last n of the k dims; True concatenates it.
     id_init: one of ID_INITS.
     row_multiple: the ID table's rows are padded to a multiple of it (the model-shard count).
+    language_scale: the frozen table enters as language_scale x language_table
+      (config.embedding.language_scale; 1 as in the reference).
   """
   num_items: int
   language_table: FrozenTable
@@ -106,6 +113,7 @@ class AlphaFuseEmbedding(ItemEmbedding):
   cover: bool = False
   id_init: str = 'zeros'
   row_multiple: int = 1
+  language_scale: float = 1.0
 
   @property
   def features(self) -> int:
@@ -118,12 +126,17 @@ class AlphaFuseEmbedding(ItemEmbedding):
                                (self.num_items + 1, self.null_dim))
 
   def __call__(self, ids: Array, *, deterministic: bool) -> Array:
-    language = lookup(constant(self.language_table), ids)
+    language = _scaled(lookup(constant(self.language_table), ids), self.language_scale)
     return decomposition.fuse(language, lookup(self.id_table, ids), cover=self.cover)
 
   def table(self, *, deterministic: bool = True) -> Array:
-    language = constant(self.language_table)[:self.num_items]
+    language = _scaled(constant(self.language_table)[:self.num_items], self.language_scale)
     return decomposition.fuse(language, self.id_table[:self.num_items], cover=self.cover)
+
+
+def _scaled(x: Array, scale: float) -> Array:
+  """x times a static scale; the graph is unchanged at scale 1."""
+  return x if scale == 1.0 else x * scale
 
 
 
@@ -149,6 +162,7 @@ class AnchoredAlphaFuseEmbedding(ItemEmbedding):
     id_init: one of ID_INITS, for the ID columns.
     anchor_weight: the weight of the anchor (config.embedding.anchor_weight), >= 0.
     row_multiple: the table's rows are padded to a multiple of it (the model-shard count).
+    language_scale: L enters as language_scale x language_table, as in AlphaFuse.
   """
   num_items: int
   language_table: FrozenTable
@@ -156,6 +170,7 @@ class AnchoredAlphaFuseEmbedding(ItemEmbedding):
   id_init: str = 'zeros'
   anchor_weight: float = 1.0
   row_multiple: int = 1
+  language_scale: float = 1.0
 
   @property
   def features(self) -> int:
@@ -174,10 +189,12 @@ class AnchoredAlphaFuseEmbedding(ItemEmbedding):
                                (self.num_items + 1, k))
 
   def __call__(self, ids: Array, *, deterministic: bool) -> Array:
-    return lookup(constant(self.language_table), ids) + lookup(self.id_table, ids)
+    language = _scaled(lookup(constant(self.language_table), ids), self.language_scale)
+    return language + lookup(self.id_table, ids)
 
   def table(self, *, deterministic: bool = True) -> Array:
-    return constant(self.language_table)[:self.num_items] + self.id_table[:self.num_items]
+    language = _scaled(constant(self.language_table)[:self.num_items], self.language_scale)
+    return language + self.id_table[:self.num_items]
 
   def auxiliary_loss(self, *, deterministic: bool) -> Array:
     """anchor_weight x mean over the N items of the squared norm of their semantic offsets."""

@@ -250,7 +250,7 @@ def _alphafuse(a: _Inputs) -> nn.Module:
     raise ValueError(f'Nullity {nullity} (from null_threshold={cfg.null_threshold}) must be < '
                      f'hidden_dim={hidden}; lower config.embedding.null_threshold.')
   return P.AlphaFuseEmbedding(a.num_items, FrozenTable(table), nullity, bool(cfg.cover),
-                              cfg.id_init)
+                              cfg.id_init, language_scale=_language_scale(cfg))
 
 
 def _alphafuse_anchor(a: _Inputs) -> nn.Module:
@@ -260,11 +260,24 @@ def _alphafuse_anchor(a: _Inputs) -> nn.Module:
                      'the semantic dims; larger keeps them nearer AlphaFuse).')
   fused = _alphafuse(a)  # AlphaFuse's checks and its table (cover is refused before this).
   return P.AnchoredAlphaFuseEmbedding(a.num_items, fused.language_table, fused.null_dim,
-                                      a.cfg.id_init, float(weight))
+                                      a.cfg.id_init, float(weight),
+                                      language_scale=fused.language_scale)
 
 
 def _llminit(a: _Inputs) -> nn.Module:
-  return P.SemanticInitEmbedding(a.num_items, FrozenTable(a.semantic_init()))
+  return P.SemanticInitEmbedding(a.num_items, FrozenTable(a.semantic_init()),
+                                 language_scale=_language_scale(a.cfg))
+
+
+# The pipelines whose language table (LLMInit: initial table) config.embedding.language_scale scales.
+LANGUAGE_SCALE_PIPELINES = ('alphafuse', 'alphafuse_anchor', 'llminit')
+
+
+def _language_scale(cfg: Any) -> float:
+  scale = cfg.get('language_scale', 1.0)
+  if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < np.inf:
+    raise ValueError(f'config.embedding.language_scale={scale!r} must be a finite number > 0.')
+  return float(scale)
 
 
 def _morec(a: _Inputs) -> nn.Module:
@@ -381,6 +394,9 @@ def _make_item_embedding(config_embedding, num_items, language_embeddings, item_
   num_items = _check_int('num_items', num_items)
   hidden = _check_int('hidden_dim', cfg.hidden_dim)
   id_initializer(cfg.id_init)  # Fails early on an unknown name.
+  if cfg.get('language_scale', 1.0) != 1.0 and pipeline.name not in LANGUAGE_SCALE_PIPELINES:
+    raise ValueError(f'config.embedding.language_scale={cfg.language_scale} only applies to '
+                     f'{", ".join(LANGUAGE_SCALE_PIPELINES)}, not {pipeline.name!r}; set it to 1.')
   if cfg.cover and pipeline.name != 'alphafuse':
     raise ValueError(f'config.embedding.cover=True only applies to the alphafuse pipeline, not '
                      f'{pipeline.name!r} (in the reference it shrinks the table to hidden_dim - '

@@ -190,6 +190,10 @@ def extend_model(model, params: Any, text_map: registry.TextMap,
   num_items, num_new = embedding.num_items, len(vectors)
   rows = text_map.rows(vectors)
   initial = text_map.pipeline in registry.INITIAL_ROW_PIPELINES
+  # LLMInit's ID rows start at language_scale x its initial table (its frozen rows stay unscaled,
+  # as the scaled text-map pipelines scale theirs inside the module).
+  scale = getattr(embedding, 'language_scale', 1.0)
+  initial_rows = rows if scale == 1.0 else rows * np.float32(scale)
   updates: dict[str, Any] = {'num_items': num_items + num_new}
   for field in dataclasses.fields(embedding):
     table = getattr(embedding, field.name)
@@ -203,7 +207,7 @@ def extend_model(model, params: Any, text_map: registry.TextMap,
   def extend_id_rows(path, leaf):
     if getattr(path[-1], 'key', None) != 'id_table' or leaf.shape[0] != num_items + 1:
       return leaf
-    new_rows = rows if initial else np.zeros((num_new,) + leaf.shape[1:], np.float32)
+    new_rows = initial_rows if initial else np.zeros((num_new,) + leaf.shape[1:], np.float32)
     # Real rows, the new rows, then the padding row last (pad id N + M).
     return np.concatenate([np.asarray(leaf[:num_items]), np.asarray(new_rows, leaf.dtype),
                            np.asarray(leaf[num_items:])], axis=0)
