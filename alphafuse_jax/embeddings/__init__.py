@@ -2,7 +2,8 @@
 
   base.py       the contract (`ItemEmbedding`), frozen host tables, ID-table initialisers
   pipelines.py  the modules: ID, LLMInit, AlphaFuse, MoRec/WhitenRec, UniSRec, RLMRec, LLM-ESR's
-                item side, iDreamRec's frozen table, and the variant AlphaFuse-Anchor
+                item side, iDreamRec's frozen table
+  variants.py   variants beyond the paper under their own names: AlphaFuse-Anchor
   registry.py   the registry of named pipelines (`PIPELINES`, the one list) and the factory
 """
 
@@ -13,7 +14,6 @@ from alphafuse_jax.embeddings.base import id_initializer
 from alphafuse_jax.embeddings.base import sparse_init
 from alphafuse_jax.embeddings.pipelines import AdapterEmbedding
 from alphafuse_jax.embeddings.pipelines import AlphaFuseEmbedding
-from alphafuse_jax.embeddings.pipelines import AnchoredAlphaFuseEmbedding
 from alphafuse_jax.embeddings.pipelines import FrozenLanguageEmbedding
 from alphafuse_jax.embeddings.pipelines import IDEmbedding
 from alphafuse_jax.embeddings.pipelines import LLMESREmbedding
@@ -31,3 +31,4 @@ from alphafuse_jax.embeddings.registry import get_pipeline
 from alphafuse_jax.embeddings.registry import make_item_embedding
 from alphafuse_jax.embeddings.registry import pipelines_for
 from alphafuse_jax.embeddings.registry import semantic_table
+from alphafuse_jax.embeddings.variants import AnchoredAlphaFuseEmbedding

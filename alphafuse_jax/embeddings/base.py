@@ -167,6 +167,11 @@ def lookup(table: Array | sparse_updates.GatheredRows, ids: Array) -> Array:
   return jnp.take(table, jnp.asarray(ids), axis=0, mode='fill', fill_value=jnp.nan)
 
 
+def scaled(x: Array, scale: float) -> Array:
+  """x times a static scale (config.embedding.language_scale); the graph is unchanged at 1."""
+  return x if scale == 1.0 else x * scale
+
+
 def zero_loss() -> Array:
   return jnp.zeros((), jnp.float32)
 

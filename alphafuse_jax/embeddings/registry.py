@@ -17,6 +17,7 @@ import numpy as np
 
 from alphafuse_jax import decomposition
 from alphafuse_jax.embeddings import pipelines as P
+from alphafuse_jax.embeddings import variants
 from alphafuse_jax.embeddings.base import FrozenTable
 from alphafuse_jax.embeddings.base import id_initializer
 
@@ -259,9 +260,9 @@ def _alphafuse_anchor(a: _Inputs) -> nn.Module:
     raise ValueError(f'config.embedding.anchor_weight={weight!r} must be a number >= 0 (0 frees '
                      'the semantic dims; larger keeps them nearer AlphaFuse).')
   fused = _alphafuse(a)  # AlphaFuse's checks and its table (cover is refused before this).
-  return P.AnchoredAlphaFuseEmbedding(a.num_items, fused.language_table, fused.null_dim,
-                                      a.cfg.id_init, float(weight),
-                                      language_scale=fused.language_scale)
+  return variants.AnchoredAlphaFuseEmbedding(a.num_items, fused.language_table, fused.null_dim,
+                                             a.cfg.id_init, float(weight),
+                                             language_scale=fused.language_scale)
 
 
 def _llminit(a: _Inputs) -> nn.Module:

@@ -5,7 +5,8 @@
   suites.py    `Cell`, `Suite`, the suites as data (`SUITES`, `make_suite`), `load_config`
   runner.py    cell workdir/log/command, `run_cell_subprocess`, `run_suite` (resumable)
   stats.py     reading results/ranks/curves, popularity deciles, mean +- std, the paired tie rule
-  report.py    per-cell group metrics (`evaluation.group_masks`), tables, README.md, summary.json
+  report.py    per-cell group metrics (`evaluation.group_masks`), tables, summary.json
+  readme.py    the report's README.md, and the tables' groups and metrics
   plots.py     the matplotlib figures: learning curves, deciles, null_dim sweep, spectrum
   __main__.py  the command's flags and main
 """
@@ -14,18 +15,18 @@ from alphafuse_jax.experiments.plots import plot_deciles
 from alphafuse_jax.experiments.plots import plot_learning_curves
 from alphafuse_jax.experiments.plots import plot_sweep
 from alphafuse_jax.experiments.plots import spectrum_figure
+from alphafuse_jax.experiments.readme import COMPARISON_METRICS
+from alphafuse_jax.experiments.readme import DEFAULT_HEAD_FRACTION
+from alphafuse_jax.experiments.readme import DEFAULT_SHORT_HISTORY
+from alphafuse_jax.experiments.readme import render_readme
+from alphafuse_jax.experiments.readme import TABLE_METRICS
 from alphafuse_jax.experiments.report import aggregate
 from alphafuse_jax.experiments.report import build_report
 from alphafuse_jax.experiments.report import CellReport
 from alphafuse_jax.experiments.report import collect_cell
-from alphafuse_jax.experiments.report import COMPARISON_METRICS
 from alphafuse_jax.experiments.report import comparisons
-from alphafuse_jax.experiments.report import DEFAULT_HEAD_FRACTION
-from alphafuse_jax.experiments.report import DEFAULT_SHORT_HISTORY
 from alphafuse_jax.experiments.report import publish
-from alphafuse_jax.experiments.report import render_readme
 from alphafuse_jax.experiments.report import report_from_config
-from alphafuse_jax.experiments.report import TABLE_METRICS
 from alphafuse_jax.experiments.runner import cell_command
 from alphafuse_jax.experiments.runner import cell_log
 from alphafuse_jax.experiments.runner import cell_workdir
