@@ -44,9 +44,10 @@ def get_config(pipeline: str = 'id') -> config_dict.ConfigDict:
   config.embedding.id_init = 'xavier'
   # The same block takes AlphaFuse's whitened rows (unit variance per dim, norm ~11) x sqrt(h) at
   # its input and scores with them: at language_scale 1, epoch-1 train loss 75.7 and val NDCG@20
-  # 0.0126. Chosen on val NDCG@20 after 3 epochs (AlphaFuse, seed 22, 2026-12-01): 0.0589 at
-  # 0.025 (the Xavier table's scale), 0.0773 at 0.1, 0.0374 at 0.3 (1: 0.0185 after 2). 0.1 makes
-  # a row's norm about 1; LLMInit's table starts there too (the other pipelines refuse the knob).
+  # 0.0126. Chosen on val NDCG@20 after 3 epochs (AlphaFuse, seed 22, dropout 0.2, 2026-12-01):
+  # 0.0589 at 0.025 (the Xavier table's scale), 0.0773 at 0.1, 0.0374 at 0.3 (1: 0.0185 after 2).
+  # 0.1 makes a row's norm about 1; LLMInit's table starts there too (the other pipelines refuse
+  # the knob).
   if pipeline in ('alphafuse', 'alphafuse_anchor', 'llminit'):
     config.embedding.language_scale = 0.1
   config.model.block = 'standard'
