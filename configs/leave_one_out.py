@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 # Config files are loaded by path; make `configs` importable from any working directory.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alphafuse_jax.embeddings import registry  # pylint: disable=g-import-not-at-top
 from configs import default as _default  # pylint: disable=g-import-not-at-top
 
 
@@ -48,7 +49,7 @@ def get_config(pipeline: str = 'id') -> config_dict.ConfigDict:
   # 0.0589 at 0.025 (the Xavier table's scale), 0.0773 at 0.1, 0.0374 at 0.3 (1: 0.0185 after 2).
   # 0.1 makes a row's norm about 1; LLMInit's table starts there too (the other pipelines refuse
   # the knob).
-  if pipeline in ('alphafuse', 'alphafuse_anchor', 'llminit'):
+  if pipeline in registry.LANGUAGE_SCALE_PIPELINES:
     config.embedding.language_scale = 0.1
   config.model.block = 'standard'
   config.model.num_blocks = 2
