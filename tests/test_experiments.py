@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from alphafuse_jax import experiments
+from alphafuse_jax.experiments import archive
 
 # A 10-item catalogue: items 0 and 1 are the head (20% most interacted), 2..9 the tail.
 COUNTS = np.array([50, 40, 9, 8, 7, 6, 5, 4, 3, 2])
@@ -406,3 +407,102 @@ def test_cli_rejects_an_unknown_suite():
   result = subprocess.run([sys.executable, '-m', 'alphafuse_jax.experiments', '--suite=nope'],
                           capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode != 0 and "unknown suite 'nope'" in result.stderr
+
+
+# ---- the committed archive of finished cells --------------------------------------------------
+def test_archive_records_cells_and_reports_them_without_their_workdirs(tmp_path):
+  """A report over workdirs records each cell; with the workdirs gone it gives the same tables."""
+  suite = experiments.make_suite('smoke', seeds=[22, 23, 24])
+  results_dir, archive_dir = tmp_path / 'results', tmp_path / 'archive'
+  runs = results_dir / 'smoke' / 'runs'
+  for (variant, seed), ranks in RANKS.items():
+    write_cell(runs / f'{variant}_s{seed}', ranks, curve=(0.1, 0.3, 0.2 + seed / 1000))
+  first = experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
+                                   archive_dir=str(archive_dir))
+  record = json.loads((archive_dir / 'smoke' / 'id_s23.json').read_text())
+  assert (record['variant'], record['seed'], record['num_items']) == ('id', 23, len(COUNTS))
+  # The hand-computed group metric of id seed 23 (tail targets at ranks 3 and 100).
+  assert record['groups']['tail_items']['NDCG@20'] == pytest.approx((0.5 + 0.0) / 2)
+  assert record['curve'] == {'1': 0.1, '2': 0.3, '3': pytest.approx(0.223)}
+  assert record['commit'] is None or len(record['commit']) >= 40
+  # The workdirs are gone (a new machine): every cell comes from the archive.
+  for path in runs.iterdir():
+    path.rename(tmp_path / path.name)
+  second = experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
+                                    archive_dir=str(archive_dir))
+  assert not second['not_finished']
+  assert {c['source'] for c in second['cells'].values()} == {'archive'}
+  assert second['tables'] == first['tables'] and second['comparisons'] == first['comparisons']
+  assert second['deciles'] == first['deciles'] and second['budget'] == first['budget']
+  assert 'from the archive' in (results_dir / 'smoke' / 'README.md').read_text()
+  # Without the archive the same report has nothing.
+  third = experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS)
+  assert len(third['not_finished']) == 6
+
+
+def test_archive_at_other_thresholds_keeps_only_overall(tmp_path):
+  suite = experiments.make_suite('smoke', seeds=[22], variants=['id'])
+  results_dir, archive_dir = tmp_path / 'results', tmp_path / 'archive'
+  write_cell(results_dir / 'smoke' / 'runs' / 'id_s22', RANKS['id', 22])
+  experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
+                           archive_dir=str(archive_dir))
+  (results_dir / 'smoke' / 'runs' / 'id_s22' / 'results.json').unlink()
+  summary = experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
+                                     short_history=5, archive_dir=str(archive_dir))
+  cell = summary['cells']['id_s22']
+  assert set(cell['groups']) == {'overall'} and 'overall only here' in cell['note']
+  assert cell['groups']['overall']['NDCG@20'] == pytest.approx(3 / 4)  # Ranks 1, 1, 1, 100.
+
+
+def test_archive_rejects_a_record_of_another_catalogue_or_a_broken_one(tmp_path):
+  suite = experiments.make_suite('smoke', seeds=[22], variants=['id'])
+  results_dir, archive_dir = tmp_path / 'results', tmp_path / 'archive'
+  write_cell(results_dir / 'smoke' / 'runs' / 'id_s22', RANKS['id', 22])
+  experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
+                           archive_dir=str(archive_dir))
+  (results_dir / 'smoke' / 'runs' / 'id_s22' / 'results.json').unlink()
+  with pytest.raises(experiments.SuiteError, match='catalogue of 10 items.*has 11'):
+    experiments.build_report(suite, str(results_dir), train_item_counts=np.append(COUNTS, 1),
+                             archive_dir=str(archive_dir))
+  path = archive_dir / 'smoke' / 'id_s22.json'
+  path.write_text('{"format": 1, "results": ')
+  with pytest.raises(experiments.SuiteError, match=f'{path}: not valid JSON'):
+    experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
+                             archive_dir=str(archive_dir))
+
+
+def test_cells_without_ranks_are_not_archived(tmp_path):
+  suite = experiments.make_suite('smoke', seeds=[22], variants=['alphafuse'])
+  run_dir = tmp_path / 'results' / 'smoke' / 'runs' / 'alphafuse_s22'
+  run_dir.mkdir(parents=True)
+  (run_dir / 'results.json').write_text(json.dumps(
+      {'test': {'HR@10': 0.5, 'HR@20': 0.5, 'NDCG@10': 0.5, 'NDCG@20': 0.5}}))
+  experiments.build_report(suite, str(tmp_path / 'results'), train_item_counts=COUNTS,
+                           archive_dir=str(tmp_path / 'archive'))
+  assert not (tmp_path / 'archive').exists()
+
+
+def test_runner_skips_archived_cells(tmp_path):
+  suite = experiments.make_suite('smoke', seeds=[22, 23], variants=['alphafuse'])
+  results_dir, archive_dir = tmp_path / 'results', tmp_path / 'archive'
+  (archive_dir / 'smoke').mkdir(parents=True)
+  (archive_dir / 'smoke' / 'alphafuse_s22.json').write_text(json.dumps(
+      {'format': 1, 'results': {'test': {'NDCG@20': 0.375}, 'wall_seconds': 60.0}}))
+  calls = []
+
+  def fake_command(cell, workdir):
+    calls.append(cell.name)
+    return [sys.executable, '-c', FAKE_CELL, str(workdir), cell.name]
+
+  out = io.StringIO()
+  outcomes = experiments.run_suite(
+      suite, str(results_dir), out=out, archive_dir=str(archive_dir),
+      runner=functools.partial(experiments.run_cell_subprocess, command=fake_command))
+  assert calls == ['alphafuse_s23']
+  assert [o.status for o in outcomes] == ['skipped', 'done']
+  assert '[1/2] alphafuse_s22: skipped  test NDCG@20 0.3750  wall 60 s (archived)' in out.getvalue()
+  # A reused run (ml1m_anchor's id row) maps to the record of the suite that ran it.
+  anchor = experiments.make_suite('ml1m_anchor', results_dir=str(results_dir))
+  cell = next(c for c in anchor.cells if c.name == 'id_s23')
+  assert archive.record_path(anchor, cell, str(results_dir), archive_dir) == (
+      archive_dir / 'ml1m_convergence' / 'id_s23.json')

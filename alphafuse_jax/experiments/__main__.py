@@ -8,6 +8,10 @@ workdir `<results_dir>/<suite>/runs/<cell>` and its log beside it as `<cell>.log
 `results.json` exists is skipped, an interrupted one resumes (main auto-resumes from its workdir),
 a failed one is reported with its log and the suite goes on, exiting nonzero at the end.
 
+Finished cells are also recorded, metrics only, in the committed archive `docs/runs/<suite>/`
+(`archive.py`; --archive_dir): an archived cell is not rerun, and the report reads it when its
+workdir is gone, so a suite of hour-long cells can be finished over several machines or sessions.
+
 The report (`<results_dir>/<suite>/README.md`, `summary.json` and PNG plots) gives mean +- sample
 std (ddof=1) over seeds of HR@10/20 and NDCG@10/20, overall and for tail/head target items and
 short/long users, computed from each cell's `test_ranks.npz` with `evaluation.group_masks` at
@@ -24,9 +28,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from alphafuse_jax.experiments import archive
 from alphafuse_jax.experiments import report
 from alphafuse_jax.experiments import runner
 from alphafuse_jax.experiments import suites
+from alphafuse_jax.experiments.suites import REPO_ROOT
 
 # The suite names, as in 'ml1m_sasrec, null_dim_sweep or smoke'.
 _SUITE_NAMES = ', '.join(list(suites.SUITES)[:-1]) + f' or {list(suites.SUITES)[-1]}'
@@ -43,6 +49,10 @@ flags.DEFINE_float('head_fraction', None,
                    'Head items: this fraction of the most interacted in train (default: the '
                    "suite config's config.eval.head_fraction).")
 flags.DEFINE_bool('spectrum', True, 'Draw the language-embedding spectrum plot.')
+flags.DEFINE_string('archive_dir', str(REPO_ROOT / archive.DEFAULT_DIR),
+                    'The committed archive of finished cells (metrics only; see archive.py): '
+                    'archived cells are not rerun and report without their workdir, and every '
+                    "finished cell is recorded there. '' turns it off.")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -61,7 +71,7 @@ def main(argv: Sequence[str]) -> int:
   command = 'python -m alphafuse_jax.experiments ' + ' '.join(a for a in sys.argv[1:])
   failed = 0
   if not f.report_only:
-    outcomes = runner.run_suite(suite, f.results_dir)
+    outcomes = runner.run_suite(suite, f.results_dir, archive_dir=f.archive_dir or None)
     failed = sum(o.status != 'done' and o.status != 'skipped' for o in outcomes)
     for o in outcomes:
       if o.status in ('failed', 'busy'):
@@ -69,7 +79,8 @@ def main(argv: Sequence[str]) -> int:
   # The report covers whatever has finished, also after failures.
   summary = report.report_from_config(suite, f.results_dir, short_history=f.short_history,
                                       head_fraction=f.head_fraction, with_spectrum=f.spectrum,
-                                      command=command.strip())
+                                      command=command.strip(),
+                                      archive_dir=f.archive_dir or None)
   out_dir = pathlib.Path(f.results_dir) / suite.name
   print(f'report: {out_dir / "README.md"} ({len(summary["not_finished"])} cells not finished)')
   if f.publish_dir:

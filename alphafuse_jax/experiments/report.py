@@ -21,6 +21,7 @@ import numpy as np
 from alphafuse_jax import evaluation
 from alphafuse_jax import files
 from alphafuse_jax import metrics as metrics_lib
+from alphafuse_jax.experiments import archive
 from alphafuse_jax.experiments import cold_items
 from alphafuse_jax.experiments import plots
 from alphafuse_jax.experiments import stats
@@ -54,14 +55,29 @@ class CellReport:
   sampled_negatives: int | None = None
   note: str = ''
   results: dict[str, Any] = dataclasses.field(default_factory=dict)  # results.json.
+  source: str = 'workdir'  # 'workdir', or 'archive' (the committed record; no workdir here).
 
 
 def collect_cell(suite: Suite, cell: Cell, results_dir: str, *, train_item_counts: np.ndarray,
-                 deciles: np.ndarray, short_history: int, head_fraction: float) -> CellReport:
-  """Everything the report needs from one cell's workdir (`train_item_counts` [N] per item)."""
+                 deciles: np.ndarray, short_history: int, head_fraction: float,
+                 record: pathlib.Path | None = None) -> CellReport:
+  """Everything the report needs from one cell's workdir (`train_item_counts` [N] per item).
+
+  A cell without results.json whose archive `record` exists is read from the record.
+  """
   workdir = cell_workdir(suite, cell, results_dir)
   results_path = workdir / 'results.json'
   curve = stats.read_curve(workdir / 'metrics.jsonl')
+  if not results_path.is_file() and record is not None and record.is_file():
+    stored = archive.read_record(record, cell=cell, num_items=len(train_item_counts))
+    groups, cell_deciles, note = archive.groups_at(stored, short_history, head_fraction)
+    sampled, _, _ = archive.groups_at(stored, short_history, head_fraction, 'sampled_groups')
+    return CellReport(cell, 'finished', workdir, groups=groups, sampled_groups=sampled,
+                      deciles=cell_deciles,
+                      curve={int(e): float(v) for e, v in stored['curve'].items()},
+                      wall_seconds=float(stored['results'].get('wall_seconds', float('nan'))),
+                      sampled_negatives=stored['results'].get('sampled_negatives'), note=note,
+                      results=stored['results'], source='archive')
   if not results_path.is_file():
     status = 'unfinished' if workdir.is_dir() else 'missing'
     return CellReport(cell, status, workdir, curve=curve)
@@ -176,6 +192,20 @@ def _json_safe(obj: Any) -> Any:
   return str(obj) if isinstance(obj, pathlib.Path) else obj
 
 
+def _archive_cells(suite: Suite, cells: Sequence[CellReport],
+                   record: Callable[[Suite, Cell], pathlib.Path | None], *, num_items: int,
+                   short_history: int, head_fraction: float) -> None:
+  """Records every finished cell read from its workdir with per-example ranks (not a fallback)."""
+  for c in cells:
+    path = record(suite, c.cell)
+    if c.status != 'finished' or c.source != 'workdir' or c.note or path is None:
+      continue
+    archive.write_record(path, _json_safe(archive.make_record(
+        suite, c.cell, results=c.results, curve=c.curve, groups=c.groups,
+        sampled_groups=c.sampled_groups, deciles=c.deciles, short_history=short_history,
+        head_fraction=head_fraction, num_items=num_items, archived=now_utc())))
+
+
 # ---- building the report --------------------------------------------------------------------
 def build_report(suite: Suite, results_dir: str = 'results', *, train_item_counts: np.ndarray,
                  short_history: int = DEFAULT_SHORT_HISTORY,
@@ -184,8 +214,8 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
                  sweep_suite: Suite | None = None, command: str = '',
                  sampled_negatives: int | None = None,
                  random_levels: Mapping[str, Any] | None = None,
-                 protocol: str = 'cold_start_users', exclude_seen: bool = False
-                 ) -> dict[str, Any]:
+                 protocol: str = 'cold_start_users', exclude_seen: bool = False,
+                 archive_dir: str | None = None) -> dict[str, Any]:
   """Writes README.md, summary.json and the plots into `<results_dir>/<suite>/`; returns the summary.
 
   Args:
@@ -199,15 +229,24 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
       table of new items and its plot.
     protocol, exclude_seen: the suite config's `data.protocol` and `eval.exclude_seen`, for the
       README's description of what was ranked.
+    archive_dir: the committed archive (`archive.py`): cells without a workdir are read from it,
+      and every finished cell read from its workdir (with test_ranks.npz) is recorded in it.
+      None: no archive.
   """
   out_dir = pathlib.Path(results_dir) / suite.name
   out_dir.mkdir(parents=True, exist_ok=True)
   is_head = metrics_lib.item_groups(train_item_counts, head_fraction)  # For the README's counts.
   deciles = stats.popularity_deciles(train_item_counts)
+  record = lambda s, c: (None if archive_dir is None else
+                         archive.record_path(s, c, results_dir, archive_dir))
   collect = lambda s: [collect_cell(s, c, results_dir, train_item_counts=train_item_counts,
                                     deciles=deciles, short_history=short_history,
-                                    head_fraction=head_fraction) for c in s.cells]
+                                    head_fraction=head_fraction, record=record(s, c))
+                       for c in s.cells]
   cells = collect(suite)
+  if archive_dir is not None:
+    _archive_cells(suite, cells, record, num_items=len(train_item_counts),
+                   short_history=short_history, head_fraction=head_fraction)
   table = aggregate(suite, cells)
   sampled = aggregate(suite, cells, 'sampled_groups')
   comp = comparisons(suite, cells)
@@ -249,7 +288,7 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
       'num_head_items': int(is_head.sum()), 'std': 'sample std over seeds (ddof=1)',
       'cells': {c.cell.name: {'variant': c.cell.variant, 'seed': c.cell.seed, 'status': c.status,
                               'workdir': c.workdir, 'wall_seconds': c.wall_seconds,
-                              'note': c.note, 'groups': c.groups,
+                              'note': c.note, 'source': c.source, 'groups': c.groups,
                               'sampled_groups': c.sampled_groups,
                               'ndcg20_by_decile': c.deciles} for c in cells},
       'tables': table, 'comparisons': comp, 'sampled_tables': sampled,
@@ -280,8 +319,8 @@ def publish(suite: Suite, results_dir: str, publish_dir: str) -> list[pathlib.Pa
 
 
 def report_from_config(suite: Suite, results_dir: str, *, short_history: int | None,
-                       head_fraction: float | None, with_spectrum: bool, command: str
-                       ) -> dict[str, Any]:
+                       head_fraction: float | None, with_spectrum: bool, command: str,
+                       archive_dir: str | None = None) -> dict[str, Any]:
   """`build_report` with the item counts (and spectrum) of the suite's dataset.
 
   `short_history` and `head_fraction` default (None) to the suite config's `config.eval` values,
@@ -308,4 +347,5 @@ def report_from_config(suite: Suite, results_dir: str, *, short_history: int | N
                       sampled_negatives=config.eval.sampled_negatives or None,
                       random_levels=(None if dataset.new_items is None else
                                      cold_items.random_levels(dataset)),
-                      protocol=config.data.protocol, exclude_seen=bool(config.eval.exclude_seen))
+                      protocol=config.data.protocol, exclude_seen=bool(config.eval.exclude_seen),
+                      archive_dir=archive_dir)

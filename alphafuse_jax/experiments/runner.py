@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import pathlib
 import subprocess
@@ -16,11 +17,13 @@ import sys
 import time
 from typing import Callable, TextIO
 
+from alphafuse_jax.experiments import archive
 from alphafuse_jax.experiments import stats
 from alphafuse_jax.experiments.suites import Cell
 from alphafuse_jax.experiments.suites import parse_config_arg
 from alphafuse_jax.experiments.suites import REPO_ROOT
 from alphafuse_jax.experiments.suites import Suite
+from alphafuse_jax.experiments.suites import SuiteError
 from alphafuse_jax.experiments.suites import TRAIN_MODULE
 
 
@@ -112,10 +115,31 @@ class CellOutcome:
   detail: str = ''
 
 
+def _archived_results(suite: Suite, cell: Cell, results_dir: str,
+                      archive_dir: str | None) -> dict | None:
+  """The results of the cell's archive record (`archive.py`), or None when it has none."""
+  if archive_dir is None:
+    return None
+  path = archive.record_path(suite, cell, results_dir, archive_dir)
+  if path is None or not path.is_file():
+    return None
+  try:
+    results = json.loads(path.read_text())['results']
+    return {'wall_seconds': results.get('wall_seconds', float('nan')),
+            'NDCG@20': float(results['test']['NDCG@20'])}
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise SuiteError(f'{path}: not a readable archive record ({e!r}); restore it with git or '
+                     'delete it to rerun the cell.') from e
+
+
 def run_suite(suite: Suite, results_dir: str = 'results', *,
               runner: CellRunner = run_cell_subprocess,
-              out: TextIO = sys.stdout) -> list[CellOutcome]:
-  """Runs every unfinished cell in order; one progress line per cell and a total at the end."""
+              out: TextIO = sys.stdout, archive_dir: str | None = None) -> list[CellOutcome]:
+  """Runs every unfinished cell in order; one progress line per cell and a total at the end.
+
+  A cell is finished when its workdir has results.json or, with `archive_dir`, when the committed
+  archive has its record (the workdir may be gone: another machine ran it).
+  """
   outcomes = []
   total = len(suite.cells)
   for i, cell in enumerate(suite.cells, 1):
@@ -127,6 +151,9 @@ def run_suite(suite: Suite, results_dir: str = 'results', *,
       results = stats.read_results(results_path)
       outcome.seconds = float(results.get('wall_seconds', float('nan')))
       outcome.ndcg20 = float(results['test']['NDCG@20'])
+    elif (archived := _archived_results(suite, cell, results_dir, archive_dir)) is not None:
+      outcome.seconds, outcome.ndcg20 = float(archived['wall_seconds']), archived['NDCG@20']
+      outcome.detail = 'archived'
     elif (pid := _running_elsewhere(workdir, cell.module)) is not None:
       outcome.status, outcome.detail = 'busy', f'running in process {pid}; rerun when it ends'
     else:
@@ -147,6 +174,8 @@ def run_suite(suite: Suite, results_dir: str = 'results', *,
     line = f'[{i}/{total}] {cell.name}: {outcome.status}'
     if outcome.status in ('done', 'skipped'):
       line += f'  test NDCG@20 {outcome.ndcg20:.4f}  wall {outcome.seconds:.0f} s'
+      if outcome.detail:
+        line += f' ({outcome.detail})'
     else:
       line += f'  ({outcome.detail})'
     print(line, file=out, flush=True)
