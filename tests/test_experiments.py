@@ -350,6 +350,14 @@ def test_leave_one_out_suite_and_its_report_text(tmp_path):
   assert summary['cells']['alphafuse_s22']['groups']['short_users']['count'] == 3
   assert summary['cells']['alphafuse_s22']['groups']['short_users']['NDCG@10'] == pytest.approx(
       2 / 3)
+  assert 'Published figures' not in readme  # The smoke suite lists none.
+  # ml1m_loo's README puts the literature's figures, with sources, under its overall table.
+  experiments.build_report(dataclasses.replace(suite, published=loo.published), str(tmp_path),
+                           train_item_counts=COUNTS)
+  loo_readme = (tmp_path / 'smoke' / 'README.md').read_text()
+  overall = loo_readme[loo_readme.index('## Overall'):loo_readme.index('## Tail items')]
+  assert ('| SASRec+ (full CE) | 0.3152 | - | 0.1821 | - | Klenitskiy & Vasilev, RecSys 2023, '
+          'arXiv:2309.07602; 5-core ML-1M (3,416 items) |') in overall
 
 
 def test_cell_environment_defaults(tmp_path, monkeypatch):

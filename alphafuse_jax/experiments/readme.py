@@ -86,6 +86,17 @@ def _metric_table(suite: Suite, table: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def _published_table(suite: Suite) -> list[str]:
+  """Markdown rows of the suite's published figures (other code, not rerun here)."""
+  lines = ['Published figures on this protocol (other code and tuning, not rerun here; "-": not '
+           'given):', '', '| published | ' + ' | '.join(TABLE_METRICS) + ' | source |',
+           '|---' * (len(TABLE_METRICS) + 2) + '|']
+  for p in suite.published:
+    values = [f'{p.metrics[m]:.4f}' if m in p.metrics else '-' for m in TABLE_METRICS]
+    lines.append(f'| {p.label} | ' + ' | '.join(values) + f' | {p.source} |')
+  return lines + ['']
+
+
 def _comparison_table(suite: Suite, comp: Mapping[str, Any], metric: str) -> list[str]:
   """Markdown rows: one per non-baseline variant, its paired difference in every group."""
   groups = [g for g in REPORT_GROUPS if any(c['seeds'] for c in comp[metric][g].values())]
@@ -150,6 +161,8 @@ def render_readme(suite: Suite, summary: Mapping[str, Any]) -> str:
   for group in REPORT_GROUPS:
     if group in GROUPS or tables.get(group):  # The new-items group only where runs have it.
       lines += [f'## {_group_title(group, sh, hf)}', '', *_metric_table(suite, tables[group]), '']
+      if group == 'overall' and suite.published:
+        lines += _published_table(suite)
   lines += [f'## Each pipeline minus {suite.baseline}, paired by seed', '',
             'Mean ± std of the per-seed differences (pipeline − baseline). **tie**: |mean '
             'difference| is smaller than the seed spread (the larger of the two pipelines\' '
