@@ -514,3 +514,33 @@ def test_runner_skips_archived_cells(tmp_path):
   cell = next(c for c in anchor.cells if c.name == 'id_s23')
   assert archive.record_path(anchor, cell, str(results_dir), archive_dir) == (
       archive_dir / 'ml1m_convergence' / 'id_s23.json')
+
+
+def test_data_thinning_section_pairs_alphafuse_and_id_per_fraction(tmp_path):
+  """ml1m_convergence's report gains a row per thinning suite that has a summary."""
+  results_dir = tmp_path / 'results'
+  swapped = {'alphafuse': 'id', 'id': 'alphafuse'}
+  for name, ranks_of in (('ml1m_sparse25', lambda v, s: RANKS[swapped[v], s]),
+                         ('ml1m_convergence', lambda v, s: RANKS[v, s])):
+    suite = experiments.make_suite(name, seeds=[22, 23], variants=['alphafuse', 'id'])
+    for cell in suite.cells:
+      write_cell(results_dir / name / 'runs' / cell.name, ranks_of(cell.variant, cell.seed))
+    summary = experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS)
+  rows = {r['fraction']: r for r in summary['thinning']['rows']}
+  assert sorted(rows) == [0.25, 1.0]  # No ml1m_sparse10 summary: no row.
+  # Full data, by hand: AlphaFuse NDCG@20 0.5 and 0.375, ID 0.75 and 0.5; differences -0.25 and
+  # -0.125, larger than the spread (ID's std 0.177): worse. On 25% the ranks are swapped: better.
+  full = rows[1.0]
+  assert full['metrics']['overall']['alphafuse']['mean'] == pytest.approx(0.4375)
+  assert full['language_minus_id']['overall']['mean_diff'] == pytest.approx(-0.1875)
+  assert full['language_minus_id']['overall']['verdict'] == 'worse'
+  assert full['language_minus_id']['tail_items']['mean_diff'] == pytest.approx(-0.375)
+  assert rows[0.25]['language_minus_id']['overall']['verdict'] == 'better'
+  readme = (results_dir / 'ml1m_convergence' / 'README.md').read_text()
+  assert '## Data thinning' in readme and '| 25% (`ml1m_sparse25`) |' in readme
+  assert '-0.1875 ± 0.0884 **worse**' in readme
+  assert (results_dir / 'ml1m_convergence' / 'data_thinning.png').is_file()
+  # A broken summary of another thinning suite is named, not skipped.
+  (results_dir / 'ml1m_sparse25' / 'summary.json').write_text('{')
+  with pytest.raises(experiments.SuiteError, match='ml1m_sparse25/summary.json: not valid JSON'):
+    experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS)

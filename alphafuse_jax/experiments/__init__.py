@@ -7,6 +7,8 @@
   stats.py     reading results/ranks/curves, popularity deciles, mean +- std, the paired tie rule
   report.py    per-cell group metrics (`evaluation.group_masks`), tables, summary.json
   readme.py    the report's README.md, and the tables' groups and metrics
+  archive.py   the committed metrics record of finished cells (docs/runs/), read when a workdir is gone
+  thinning.py  the data-thinning section: the same rows at 100%, 25% and 10% of the train users
   plots.py     the matplotlib figures: learning curves, deciles, null_dim sweep, spectrum
   __main__.py  the command's flags and main
 """

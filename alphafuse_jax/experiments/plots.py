@@ -150,6 +150,42 @@ def plot_cold_items(variants: Sequence[str], tables: Mapping[str, Any],
   return _finish(fig, ax, path)
 
 
+def plot_thinning(table: Mapping[str, Any], variants: Sequence[str], groups: Sequence[str],
+                  path: pathlib.Path) -> bool:
+  """Test NDCG@20 against the fraction of train users (log x), a line per variant and group
+  (`thinning.thinning_table`'s rows; solid the first group, dashed the second)."""
+  rows = table['rows']
+  if not rows:
+    return False
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  drawn = False
+  for i, variant in enumerate(variants):
+    for group, style in zip(groups, ('-', '--')):
+      points = [(r['fraction'], r['metrics'][group].get(variant)) for r in rows]
+      points = [(x, s) for x, s in points if s and s['n']]
+      if not points:
+        continue
+      xs = [x for x, _ in points]
+      mean, std = _mean_std([s['mean'] for _, s in points], [s['std'] for _, s in points])
+      ax.errorbar(xs, mean, yerr=std, marker='o', capsize=3, color=f'C{i}', linestyle=style,
+                  label=f'{variant}, {GROUP_SHORT[group]}')
+      drawn = True
+  if not drawn:
+    plt.close(fig)
+    return False
+  ax.set_xscale('log')
+  ax.minorticks_off()
+  ax.invert_xaxis()  # Read left to right as the data thins.
+  ax.set_xticks([r['fraction'] for r in rows])
+  ax.set_xticklabels([f'{r["fraction"]:.0%}' for r in rows])
+  ax.set_xlabel('train users kept')
+  ax.set_ylabel(f'test {table["metric"]} (mean over seeds)')
+  ax.set_title('Data thinning: ' + ', '.join(f'{style} {GROUP_SHORT[g]}' for g, style in
+                                            zip(groups, ('solid', 'dashed'))))
+  return _finish(fig, ax, path)
+
+
 def spectrum_figure(config, path: pathlib.Path, *, embeddings: np.ndarray | None = None,
                     item_counts: np.ndarray | None = None, dataset=None) -> dict[str, Any]:
   """The language-embedding spectrum with the kept and null cuts (spectrum.py's plot), PNG + dict.

@@ -11,6 +11,7 @@ from alphafuse_jax import evaluation
 from alphafuse_jax.experiments import cold_items
 from alphafuse_jax.experiments import plots
 from alphafuse_jax.experiments import stats
+from alphafuse_jax.experiments import thinning
 from alphafuse_jax.experiments.suites import Suite
 
 GROUPS = evaluation.GROUPS
@@ -171,6 +172,8 @@ def render_readme(suite: Suite, summary: Mapping[str, Any]) -> str:
   for metric in COMPARISON_METRICS:
     lines += [f'### {metric}', '', *_comparison_table(suite, summary['comparisons'], metric), '']
   lines += stats.render_budget(summary.get('budget') or {})
+  if summary.get('thinning'):
+    lines += thinning.render_section(summary['thinning'])
   # Sampled metrics, only when some run has them, under a heading that says they differ.
   if any(summary['sampled_tables'][g] for g in GROUPS):
     negatives = summary['sampled_negatives']

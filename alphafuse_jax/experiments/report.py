@@ -25,6 +25,7 @@ from alphafuse_jax.experiments import archive
 from alphafuse_jax.experiments import cold_items
 from alphafuse_jax.experiments import plots
 from alphafuse_jax.experiments import stats
+from alphafuse_jax.experiments import thinning
 from alphafuse_jax.experiments.runner import cell_workdir
 from alphafuse_jax.experiments.runner import now_utc
 from alphafuse_jax.experiments.suites import Cell
@@ -300,6 +301,13 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
                        for c in not_finished],
   }
   summary = _json_safe(summary)
+  if suite.name in thinning.SUITES:  # The data-thinning section, from the three suites' summaries.
+    summary['thinning'] = thinning.thinning_table(results_dir, current=summary)
+    if plots.plot_thinning(summary['thinning'], thinning.SPARSE_ROWS, thinning.GROUPS,
+                           out_dir / 'data_thinning.png'):
+      summary['plots']['data_thinning.png'] = (
+          'Test NDCG@20 against the fraction of train users kept (solid: overall; dashed: tail '
+          'items)')
   files.write_text(out_dir / 'summary.json', json.dumps(summary, indent=1) + '\n')
   files.write_text(out_dir / 'README.md', render_readme(suite, summary))
   return summary
