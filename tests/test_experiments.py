@@ -544,3 +544,21 @@ def test_data_thinning_section_pairs_alphafuse_and_id_per_fraction(tmp_path):
   (results_dir / 'ml1m_sparse25' / 'summary.json').write_text('{')
   with pytest.raises(experiments.SuiteError, match='ml1m_sparse25/summary.json: not valid JSON'):
     experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS)
+
+
+def test_paper_claims_queue_covers_every_cell_of_issue_20s_suites_once():
+  """launch/paper_claims.sh --dry_run lists each cell of the six suites exactly once."""
+  root = experiments.REPO_ROOT
+  out = subprocess.run(['bash', str(root / 'launch' / 'paper_claims.sh'), '--dry_run'],
+                       capture_output=True, text=True, check=True, cwd=root).stdout
+  queued = [tuple(line.split()) for line in out.splitlines() if line.strip()]
+  assert len(queued) == len(set(queued))
+  expected = set()
+  for name in ('ml1m_convergence', 'ml1m_sparse25', 'ml1m_sparse10', 'ml1m_loo', 'ml1m_anchor',
+               'ml1m_dreamrec'):
+    suite = experiments.make_suite(name)
+    # ml1m_anchor's alphafuse and id rows are ml1m_convergence's runs, not cells of its own.
+    expected |= {(name, c.variant, str(c.seed)) for c in suite.cells if c.workdir is None}
+  assert set(queued) == expected
+  # The conclusions' first rows come first: AlphaFuse and ID at convergence.
+  assert queued[:2] == [('ml1m_convergence', 'alphafuse', '22'), ('ml1m_convergence', 'id', '22')]
