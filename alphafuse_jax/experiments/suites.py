@@ -220,7 +220,8 @@ class _SuiteSpec:
 # the same 3,416-item 5-core data as ours) and recalculated the others on all 3,706 items.
 LOO_PUBLISHED = (
     Published('SASRec+ (full CE)', {'HR@10': 0.3152, 'NDCG@10': 0.1821},
-              'Klenitskiy & Vasilev, RecSys 2023, arXiv:2309.07602; 5-core ML-1M (3,416 items)'),
+              'Klenitskiy & Vasilev, RecSys 2023, arXiv:2309.07602 (h = 64); BERT4Rec\'s ML-1M, '
+              '3,416 items as ours'),
     Published('SASRec + sampled softmax', {'HR@10': 0.2929, 'NDCG@10': 0.1684},
               'transformer_benchmark README (RecSys 2025, arXiv:2508.06450); all 3,706 items'),
     Published('eSASRec', {'HR@10': 0.3133, 'NDCG@10': 0.1772},
