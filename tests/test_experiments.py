@@ -206,6 +206,14 @@ if name != 'id_s22':  # id_s22 exits 0 but writes nothing.
 '''
 
 
+def fake_runner(calls: list[str]):
+  """A cell runner that runs FAKE_CELL instead of training, recording the cells it ran."""
+  def fake_command(cell, workdir):
+    calls.append(cell.name)
+    return [sys.executable, '-c', FAKE_CELL, str(workdir), cell.name]
+  return functools.partial(experiments.run_cell_subprocess, command=fake_command)
+
+
 def test_runner_skips_finished_and_reports_failed_cells(tmp_path):
   suite = experiments.make_suite('smoke', seeds=[22, 23])
   results_dir = tmp_path / 'results'
@@ -214,15 +222,8 @@ def test_runner_skips_finished_and_reports_failed_cells(tmp_path):
   (finished / 'results.json').write_text(json.dumps({'test': {'NDCG@20': 0.25},
                                                      'wall_seconds': 99.0}))
   calls = []
-
-  def fake_command(cell, workdir):
-    calls.append(cell.name)
-    return [sys.executable, '-c', FAKE_CELL, str(workdir), cell.name]
-
   out = io.StringIO()
-  outcomes = experiments.run_suite(
-      suite, str(results_dir), out=out,
-      runner=functools.partial(experiments.run_cell_subprocess, command=fake_command))
+  outcomes = experiments.run_suite(suite, str(results_dir), out=out, runner=fake_runner(calls))
   assert calls == ['alphafuse_s23', 'id_s22', 'id_s23']  # The finished cell never runs.
   status = {o.cell.name: o.status for o in outcomes}
   assert status == {'alphafuse_s22': 'skipped', 'alphafuse_s23': 'done', 'id_s22': 'failed',
@@ -237,9 +238,7 @@ def test_runner_skips_finished_and_reports_failed_cells(tmp_path):
   assert 'training id_s23' in log.read_text()  # The cell's output went to its log.
   # Rerun: the cells that now have results.json are skipped, the failed ones run again.
   calls.clear()
-  experiments.run_suite(suite, str(results_dir), out=io.StringIO(),
-                        runner=functools.partial(experiments.run_cell_subprocess,
-                                                 command=fake_command))
+  experiments.run_suite(suite, str(results_dir), out=io.StringIO(), runner=fake_runner(calls))
   assert calls == ['id_s22', 'id_s23']
 
 
@@ -497,15 +496,9 @@ def test_runner_skips_archived_cells(tmp_path):
   (archive_dir / 'smoke' / 'alphafuse_s22.json').write_text(json.dumps(
       {'format': 1, 'results': {'test': {'NDCG@20': 0.375}, 'wall_seconds': 60.0}}))
   calls = []
-
-  def fake_command(cell, workdir):
-    calls.append(cell.name)
-    return [sys.executable, '-c', FAKE_CELL, str(workdir), cell.name]
-
   out = io.StringIO()
-  outcomes = experiments.run_suite(
-      suite, str(results_dir), out=out, archive_dir=str(archive_dir),
-      runner=functools.partial(experiments.run_cell_subprocess, command=fake_command))
+  outcomes = experiments.run_suite(suite, str(results_dir), out=out, archive_dir=str(archive_dir),
+                                   runner=fake_runner(calls))
   assert calls == ['alphafuse_s23']
   assert [o.status for o in outcomes] == ['skipped', 'done']
   assert '[1/2] alphafuse_s22: skipped  test NDCG@20 0.3750  wall 60 s (archived)' in out.getvalue()
