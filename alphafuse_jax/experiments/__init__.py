@@ -13,6 +13,7 @@
   __main__.py  the command's flags and main
 """
 
+from alphafuse_jax.experiments import archive
 from alphafuse_jax.experiments.plots import plot_deciles
 from alphafuse_jax.experiments.plots import plot_learning_curves
 from alphafuse_jax.experiments.plots import plot_sweep
@@ -53,7 +54,7 @@ from alphafuse_jax.experiments.suites import Suite
 from alphafuse_jax.experiments.suites import SuiteError
 from alphafuse_jax.experiments.suites import SUITES
 
-__all__ = ['aggregate', 'build_report', 'Cell', 'CELL_ENV', 'cell_command', 'cell_log',
+__all__ = ['aggregate', 'archive', 'build_report', 'Cell', 'CELL_ENV', 'cell_command', 'cell_log',
            'cell_workdir', 'CellOutcome', 'CellReport', 'CellRunner', 'collect_cell',
            'COMPARISON_METRICS', 'comparisons', 'decile_metric', 'DEFAULT_HEAD_FRACTION',
            'DEFAULT_SHORT_HISTORY', 'load_config', 'make_suite', 'mean_std', 'ML1M_PIPELINES',

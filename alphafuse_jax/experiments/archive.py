@@ -10,7 +10,8 @@ finished cell in the repository, `<archive_dir>/<suite>/<cell>.json`, with:
   curve       epoch -> validation NDCG@20 (the learning-curve plot)
   groups      the report's group metrics, and `deciles` (NDCG@20 by popularity decile), computed
               from test_ranks.npz at `short_history` / `head_fraction`
-  provenance  the cell's config and overrides, the commit, the date archived
+  provenance  the cell's config and overrides, its training attempts (when each started and at
+              which commit: the runner's attempts.jsonl in the workdir), the date archived
 
 No data, no weights, no per-example output. `run_suite` skips an archived cell as it skips one with
 results.json, and the report reads the record when the cell's workdir is gone (its note says so).
@@ -53,7 +54,7 @@ def record_path(suite: Suite, cell: Cell, results_dir: str, archive_dir: str | o
   return None
 
 
-def _commit() -> str | None:
+def current_commit() -> str | None:
   """The checkout's HEAD commit (with '+dirty' for uncommitted changes), or None without git."""
   try:
     head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
@@ -68,12 +69,12 @@ def _commit() -> str | None:
 def make_record(suite: Suite, cell: Cell, *, results: dict[str, Any], curve: dict[int, float],
                 groups: dict[str, dict[str, float]], sampled_groups: dict[str, dict[str, float]],
                 deciles: np.ndarray | None, short_history: int, head_fraction: float,
-                num_items: int, archived: str, commit: str | None = None) -> dict[str, Any]:
-  """The record of one finished cell (plain JSON types)."""
+                num_items: int, archived: str, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+  """The record of one finished cell (plain JSON types); `attempts` from `read_attempts`."""
   return {
       'format': FORMAT, 'suite': suite.name, 'cell': cell.name, 'variant': cell.variant,
       'seed': cell.seed, 'config': cell.config, 'overrides': list(cell.overrides),
-      'module': cell.module, 'archived': archived, 'commit': commit if commit else _commit(),
+      'module': cell.module, 'archived': archived, 'attempts': attempts,
       'num_items': int(num_items), 'short_history': int(short_history),
       'head_fraction': float(head_fraction),
       'results': results, 'curve': {str(e): float(v) for e, v in sorted(curve.items())},
@@ -83,6 +84,23 @@ def make_record(suite: Suite, cell: Cell, *, results: dict[str, Any], curve: dic
   }
 
 
+ATTEMPTS = 'attempts.jsonl'  # In a cell's workdir: one line per (re)start by the runner.
+
+
+def log_attempt(workdir: pathlib.Path, started: str) -> None:
+  """Appends this (re)start of the cell, with the checkout's commit, to its attempts.jsonl."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  files.append_jsonl(workdir / ATTEMPTS, {'started': started, 'commit': current_commit()})
+
+
+def read_attempts(workdir: pathlib.Path) -> list[dict[str, Any]]:
+  """The cell's attempts.jsonl as a list ([] when the runner did not start it)."""
+  path = workdir / ATTEMPTS
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def write_record(path: pathlib.Path, record: dict[str, Any]) -> None:
   """Writes the record atomically; an unchanged record (but for its date) is left as it is."""
   if path.is_file():
@@ -90,7 +108,7 @@ def write_record(path: pathlib.Path, record: dict[str, Any]) -> None:
       old = json.loads(path.read_text())
     except json.JSONDecodeError:
       old = None
-    same = lambda r: {k: v for k, v in r.items() if k not in ('archived', 'commit')}
+    same = lambda r: {k: v for k, v in r.items() if k != 'archived'}
     if isinstance(old, dict) and same(old) == same(json.loads(json.dumps(record))):
       return
   files.write_json(path, record)
@@ -131,7 +149,10 @@ def groups_at(record: dict[str, Any], short_history: int, head_fraction: float,
   """
   deciles = (None if record.get('deciles') is None else
              np.array([np.nan if v is None else v for v in record['deciles']], float))
-  note = f'from the archive (archived {record.get("archived")}, commit {record.get("commit")})'
+  commits = [a.get('commit') for a in record.get('attempts') or []]
+  trained = (f'trained at commit {", ".join(dict.fromkeys(str(c) for c in commits))}' if commits
+             else 'training commit not recorded')
+  note = f'from the archive (archived {record.get("archived")}, {trained})'
   stored = record.get(key) or {}
   if (record['short_history'], record['head_fraction']) == (short_history, head_fraction):
     return stored, deciles, note

@@ -204,7 +204,8 @@ def _archive_cells(suite: Suite, cells: Sequence[CellReport],
     archive.write_record(path, _json_safe(archive.make_record(
         suite, c.cell, results=c.results, curve=c.curve, groups=c.groups,
         sampled_groups=c.sampled_groups, deciles=c.deciles, short_history=short_history,
-        head_fraction=head_fraction, num_items=num_items, archived=now_utc())))
+        head_fraction=head_fraction, num_items=num_items, archived=now_utc(),
+        attempts=archive.read_attempts(c.workdir))))
 
 
 # ---- building the report --------------------------------------------------------------------

@@ -66,9 +66,11 @@ def run_cell_subprocess(cell: Cell, workdir: pathlib.Path, log_path: pathlib.Pat
   defaults = {k: v for k, v in cell.env if k not in os.environ}
   env = {**os.environ, **defaults}
   log_path.parent.mkdir(parents=True, exist_ok=True)
+  started = now_utc()
+  archive.log_attempt(workdir, started)  # When and at which commit, for the archive's record.
   with open(log_path, 'a') as log:
     # The first line of each attempt: when, and the exact command with its env defaults.
-    log.write(f'# {now_utc()} {" ".join([f"{k}={v}" for k, v in defaults.items()] + argv)}\n')
+    log.write(f'# {started} {" ".join([f"{k}={v}" for k, v in defaults.items()] + argv)}\n')
     log.flush()
     return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                           cwd=REPO_ROOT, check=False).returncode
