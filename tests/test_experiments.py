@@ -458,6 +458,11 @@ def test_archive_at_other_thresholds_keeps_only_overall(tmp_path):
   write_cell(results_dir / 'smoke' / 'runs' / 'id_s22', RANKS['id', 22])
   experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
                            archive_dir=str(archive_dir))
+  record = (archive_dir / 'smoke' / 'id_s22.json').read_text()
+  # A report at other thresholds that may not record leaves the record as it was.
+  experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS, short_history=5,
+                           archive_dir=str(archive_dir), record_cells=False)
+  assert (archive_dir / 'smoke' / 'id_s22.json').read_text() == record
   (results_dir / 'smoke' / 'runs' / 'id_s22' / 'results.json').unlink()
   summary = experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
                                      short_history=5, archive_dir=str(archive_dir))

@@ -217,7 +217,7 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
                  sampled_negatives: int | None = None,
                  random_levels: Mapping[str, Any] | None = None,
                  protocol: str = 'cold_start_users', exclude_seen: bool = False,
-                 archive_dir: str | None = None) -> dict[str, Any]:
+                 archive_dir: str | None = None, record_cells: bool = True) -> dict[str, Any]:
   """Writes README.md, summary.json and the plots into `<results_dir>/<suite>/`; returns the summary.
 
   Args:
@@ -232,7 +232,8 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
     protocol, exclude_seen: the suite config's `data.protocol` and `eval.exclude_seen`, for the
       README's description of what was ranked.
     archive_dir: the committed archive (`archive.py`): cells without a workdir are read from it,
-      and every finished cell read from its workdir (with test_ranks.npz) is recorded in it.
+      and every finished cell read from its workdir (with test_ranks.npz) is recorded in it
+      unless `record_cells` is False (a report at other thresholds than the suite config's).
       None: no archive.
   """
   out_dir = pathlib.Path(results_dir) / suite.name
@@ -246,7 +247,7 @@ def build_report(suite: Suite, results_dir: str = 'results', *, train_item_count
                                     head_fraction=head_fraction, record=record(s, c))
                        for c in s.cells]
   cells = collect(suite)
-  if archive_dir is not None:
+  if archive_dir is not None and record_cells:
     _archive_cells(suite, cells, record, num_items=len(train_item_counts),
                    short_history=short_history, head_fraction=head_fraction)
   table = aggregate(suite, cells)
@@ -329,7 +330,7 @@ def publish(suite: Suite, results_dir: str, publish_dir: str) -> list[pathlib.Pa
 
 def report_from_config(suite: Suite, results_dir: str, *, short_history: int | None,
                        head_fraction: float | None, with_spectrum: bool, command: str,
-                       archive_dir: str | None = None) -> dict[str, Any]:
+                       archive_dir: str | None = None, record_cells: bool = True) -> dict[str, Any]:
   """`build_report` with the item counts (and spectrum) of the suite's dataset.
 
   `short_history` and `head_fraction` default (None) to the suite config's `config.eval` values,
@@ -337,10 +338,9 @@ def report_from_config(suite: Suite, results_dir: str, *, short_history: int | N
   """
   from alphafuse_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   config = load_config(suite.config)
-  if short_history is None:
-    short_history = int(config.eval.short_history)
-  if head_fraction is None:
-    head_fraction = float(config.eval.head_fraction)
+  defaults = (int(config.eval.short_history), float(config.eval.head_fraction))
+  short_history = defaults[0] if short_history is None else short_history
+  head_fraction = defaults[1] if head_fraction is None else head_fraction
   dataset = data_lib.load(config.data)
   spectrum = None
   # The ID row has no language vectors; a suite may turn the spectrum off.
@@ -357,4 +357,6 @@ def report_from_config(suite: Suite, results_dir: str, *, short_history: int | N
                       random_levels=(None if dataset.new_items is None else
                                      cold_items.random_levels(dataset)),
                       protocol=config.data.protocol, exclude_seen=bool(config.eval.exclude_seen),
-                      archive_dir=archive_dir)
+                      archive_dir=archive_dir,
+                      # The archive keeps the groups at the config's thresholds only.
+                      record_cells=(short_history, head_fraction) == defaults)
