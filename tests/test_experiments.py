@@ -452,12 +452,18 @@ def test_archive_records_cells_and_reports_them_without_their_workdirs(tmp_path)
   assert len(third['not_finished']) == 6
 
 
-def test_archive_at_other_thresholds_keeps_only_overall(tmp_path):
+def archived_id_cell(tmp_path):
+  """The smoke suite's id seed 22, finished and reported with an archive: (suite, results, archive)."""
   suite = experiments.make_suite('smoke', seeds=[22], variants=['id'])
   results_dir, archive_dir = tmp_path / 'results', tmp_path / 'archive'
   write_cell(results_dir / 'smoke' / 'runs' / 'id_s22', RANKS['id', 22])
   experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
                            archive_dir=str(archive_dir))
+  return suite, results_dir, archive_dir
+
+
+def test_archive_at_other_thresholds_keeps_only_overall(tmp_path):
+  suite, results_dir, archive_dir = archived_id_cell(tmp_path)
   record = (archive_dir / 'smoke' / 'id_s22.json').read_text()
   # A report at other thresholds that may not record leaves the record as it was.
   experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS, short_history=5,
@@ -472,11 +478,7 @@ def test_archive_at_other_thresholds_keeps_only_overall(tmp_path):
 
 
 def test_archive_rejects_a_record_of_another_catalogue_or_a_broken_one(tmp_path):
-  suite = experiments.make_suite('smoke', seeds=[22], variants=['id'])
-  results_dir, archive_dir = tmp_path / 'results', tmp_path / 'archive'
-  write_cell(results_dir / 'smoke' / 'runs' / 'id_s22', RANKS['id', 22])
-  experiments.build_report(suite, str(results_dir), train_item_counts=COUNTS,
-                           archive_dir=str(archive_dir))
+  suite, results_dir, archive_dir = archived_id_cell(tmp_path)
   (results_dir / 'smoke' / 'runs' / 'id_s22' / 'results.json').unlink()
   with pytest.raises(experiments.SuiteError, match='catalogue of 10 items.*has 11'):
     experiments.build_report(suite, str(results_dir), train_item_counts=np.append(COUNTS, 1),
