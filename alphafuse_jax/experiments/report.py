@@ -330,7 +330,7 @@ def publish(suite: Suite, results_dir: str, publish_dir: str) -> list[pathlib.Pa
 
 def report_from_config(suite: Suite, results_dir: str, *, short_history: int | None,
                        head_fraction: float | None, with_spectrum: bool, command: str,
-                       archive_dir: str | None = None, record_cells: bool = True) -> dict[str, Any]:
+                       archive_dir: str | None = None) -> dict[str, Any]:
   """`build_report` with the item counts (and spectrum) of the suite's dataset.
 
   `short_history` and `head_fraction` default (None) to the suite config's `config.eval` values,
