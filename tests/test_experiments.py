@@ -519,6 +519,11 @@ def test_runner_skips_archived_cells(tmp_path):
   cell = next(c for c in anchor.cells if c.name == 'id_s23')
   assert archive.record_path(anchor, cell, str(results_dir), archive_dir) == (
       archive_dir / 'ml1m_convergence' / 'id_s23.json')
+  # ...and only ml1m_convergence's report writes it: ml1m_anchor's reads it.
+  write_cell(results_dir / 'ml1m_convergence' / 'runs' / 'id_s23', RANKS['id', 23])
+  experiments.build_report(dataclasses.replace(anchor, cells=(cell,)), str(results_dir),
+                           train_item_counts=COUNTS, archive_dir=str(archive_dir))
+  assert not (archive_dir / 'ml1m_convergence').exists()
 
 
 def test_data_thinning_section_pairs_alphafuse_and_id_per_fraction(tmp_path):

@@ -196,10 +196,14 @@ def _json_safe(obj: Any) -> Any:
 def _archive_cells(suite: Suite, cells: Sequence[CellReport],
                    record: Callable[[Suite, Cell], pathlib.Path | None], *, num_items: int,
                    short_history: int, head_fraction: float) -> None:
-  """Records every finished cell read from its workdir with per-example ranks (not a fallback)."""
+  """Records every finished cell read from its workdir with per-example ranks (not a fallback).
+
+  A reused run (another suite's cell) is left to its own suite's report, which records it.
+  """
   for c in cells:
     path = record(suite, c.cell)
-    if c.status != 'finished' or c.source != 'workdir' or c.note or path is None:
+    if (c.status != 'finished' or c.source != 'workdir' or c.note or path is None
+        or c.cell.workdir is not None):
       continue
     archive.write_record(path, _json_safe(archive.make_record(
         suite, c.cell, results=c.results, curve=c.curve, groups=c.groups,
