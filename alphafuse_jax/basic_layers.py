@@ -28,9 +28,9 @@ def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-def layer_norm(name: str | None = None) -> nn.LayerNorm:
-  """A LayerNorm with PyTorch's epsilon and scale 1 / bias 0 init."""
-  return nn.LayerNorm(epsilon=TORCH_LAYER_NORM_EPS, name=name)
+def layer_norm(name: str | None = None, epsilon: float = TORCH_LAYER_NORM_EPS) -> nn.LayerNorm:
+  """A LayerNorm with PyTorch's epsilon (unless given) and scale 1 / bias 0 init."""
+  return nn.LayerNorm(epsilon=epsilon, name=name)
 
 
 class TorchDense(nn.Module):

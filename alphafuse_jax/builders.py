@@ -151,16 +151,21 @@ def build_model(config: ml_collections.ConfigDict, dataset: data_lib.PreparedDat
       config.embedding, num_items=dataset.num_items, language_embeddings=language_embeddings,
       item_counts=dataset.train_item_counts, fit_items=old_items(dataset),
       row_multiple=config.get('model_shards', 1))  # Tables sharded over M devices: rows % M == 0.
+  m = config.model
+  if m.get('position_init_std', 1.0) != 1.0 and (
+      m.backbone == 'dreamrec' or config.embedding.pipeline == 'llmesr'):
+    raise ValueError(f'config.model.position_init_std={m.position_init_std} applies to SASRec '
+                     'only; DreamRec and LLM-ESR keep 1.0 (leave it at 1.0).')
   if config.model.backbone == 'dreamrec':
     return _dreamrec(config, item_embedding, dataset.max_len)
   if config.embedding.pipeline == 'llmesr':
     # Dual-view LLM-ESR backbone (cross-attention fusion, shared encoder, self-distillation).
     return _llmesr(config, item_embedding, dataset, language_embeddings, for_training)
-  m = config.model
   return sasrec_lib.SASRec(
       item_embedding=item_embedding, max_len=dataset.max_len, block=m.block,
       num_blocks=m.num_blocks, num_heads=m.num_heads, dropout_rate=m.dropout_rate,
-      pre_ln=m.pre_ln, objective=objective(config, dataset))
+      pre_ln=m.pre_ln, objective=objective(config, dataset),
+      position_init_std=float(m.get('position_init_std', 1.0)))
 
 
 def frozen_item_tables(dp: parallel.DataParallel, model: Any):

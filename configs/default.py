@@ -258,7 +258,8 @@ def get_config() -> config_dict.ConfigDict:
   # Sequence backbone: 'sasrec' (next-item scoring against the item table; the paper's main
   # table) or 'dreamrec' (guided diffusion; start from configs/dreamrec.py, which adds its fields).
   config.model.backbone = 'sasrec'
-  # 'reference' (the authors' single block) or 'standard' (Kang & McAuley).
+  # 'reference' (the authors' single block), 'standard' (Kang & McAuley's paper) or 'kang_code'
+  # (the block their code computes: residuals on the normalised inputs; models/layers.py).
   config.model.block = 'reference'
   # Number of transformer blocks (1, the authors' setting).
   config.model.num_blocks = 1
@@ -268,6 +269,10 @@ def get_config() -> config_dict.ConfigDict:
   config.model.dropout_rate = 0.1
   # 'standard' block only: LayerNorm before (True) or after (False) each sublayer.
   config.model.pre_ln = True
+  # SASRec: std of the learned positions at init (1: PyTorch's default, the reference's; the
+  # SASRec+ code behind the literature's leave-one-out numbers uses 0.02). LLM-ESR and DreamRec
+  # keep 1.
+  config.model.position_init_std = 1.0
 
   # Training.
   config.train = config_dict.ConfigDict()

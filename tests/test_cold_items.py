@@ -402,3 +402,12 @@ def test_text_ranker_writes_a_cells_results(tmp_path):
   assert (ranks['new_rank'] <= ranks['rank']).all()  # Fewer items compete among new ones.
   assert cold_items.new_item_group(ranks)['NDCG@20'] == pytest.approx(
       stored['test_groups']['new_items']['NDCG@20'], abs=1e-12)
+
+
+def test_position_init_std_reaches_sasrec_and_is_refused_elsewhere():
+  config = toy_config('id')
+  config.model.position_init_std = 0.02
+  assert builders.build_model(config, toy_dataset(), None).position_init_std == 0.02
+  config.model.backbone = 'dreamrec'
+  with pytest.raises(ValueError, match='position_init_std=0.02 applies to SASRec only'):
+    builders.build_model(config, toy_dataset(), None)

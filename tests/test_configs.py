@@ -111,7 +111,9 @@ def test_every_field_has_a_comment_above_it(filename):
 
 def test_the_comment_rule_catches_a_deleted_comment():
   source = (CONFIG_DIR / 'default.py').read_text()
-  comment = "  # 'reference' (the authors' single block) or 'standard' (Kang & McAuley).\n"
+  comment = ("  # 'reference' (the authors' single block), 'standard' (Kang & McAuley's paper) or "
+             "'kang_code'\n  # (the block their code computes: residuals on the normalised inputs; "
+             "models/layers.py).\n")
   assert comment in source
   missing = undocumented_fields(source.replace(comment, '', 1))
   assert len(missing) == 1 and "config.model.block = 'reference'" in missing[0], missing

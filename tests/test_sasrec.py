@@ -1,4 +1,4 @@
-"""SASRec: parameter counts, float64 numpy oracles of both block styles, masking and gathering."""
+"""SASRec: parameter counts, float64 numpy oracles of the block styles, masking and gathering."""
 
 import math
 
@@ -59,6 +59,9 @@ def test_parameter_counts():
           == item + position + 2 * standard_block + 2 * h == 1048)
   assert (_count(init(_model('standard', blocks, pre_ln=False)))
           == item + position + 2 * standard_block == 1032)
+  # Kang's code block has the standard block's weights (its FFN residual is LN2's output).
+  assert (_count(init(_model('kang_code', blocks)))
+          == item + position + 2 * standard_block + 2 * h == 1048)
 
 
 # ---------------------------------------------------------------- float64 numpy oracles
@@ -157,6 +160,65 @@ def _standard_np(params, ids, heads, blocks, pre_ln):
   return _ln(x, p['final_ln']) if pre_ln else x
 
 
+def _ln_kang(x, p):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-8) * p['scale'] + p['bias']
+
+
+def _kang_code_np(params, ids, heads, blocks):
+  """SASRec.pytorch's forward (Kang & McAuley's code) at eval: Q = LN(x); x = Q + MHA(Q, x, x);
+  x = LN(x); x = FFN(x) + x; x *= mask; then the last LayerNorm."""
+  p = _np(params)
+  m = (ids != PAD)[..., None].astype(np.float64)
+  x = p['item_embedding']['id_table'][ids] * math.sqrt(H) + p['position_embedding']['embedding']
+  x = x * m
+  for b in range(blocks):
+    bp = p[f'blocks_{b}']
+    att = bp['attention']
+    q = _ln_kang(x, bp['ln_1'])
+    qq, k, v = _lin(q, att['query']), _lin(x, att['key']), _lin(x, att['value'])
+    allowed = np.tril(np.ones((L, L), bool))[None] & (ids != PAD)[:, None, :]
+    d = H // heads
+    outs = [_softmax(np.where(allowed, qq[..., c] @ k[..., c].transpose(0, 2, 1) / math.sqrt(d),
+                              FILL)) @ v[..., c]
+            for c in (slice(i * d, (i + 1) * d) for i in range(heads))]
+    x = q + _lin(np.concatenate(outs, axis=-1), att['out'])
+    x = _ln_kang(x, bp['ln_2'])
+    x = (_lin(np.maximum(_lin(x, bp['w_1']), 0.0), bp['w_2']) + x) * m
+  return _ln_kang(x, p['final_ln'])
+
+
+def test_kang_code_forward_matches_numpy_float64():
+  model = _model('kang_code', 2, num_heads=2)
+  params = _random_params(model, seed=5)
+  got = model.apply({'params': params}, jnp.asarray(HISTORY), deterministic=True,
+                    method=SASRec.encode)
+  expected = _kang_code_np(params, HISTORY, heads=2, blocks=2)
+  # Rows 0-2 only: the all-pad row 3 is zero before the last LayerNorm, whose output there is
+  # its bias plus eps-amplified float32 rounding (never scored: no real item there).
+  np.testing.assert_allclose(np.asarray(got)[:3], expected[:3], rtol=1e-4, atol=1e-4)
+  # Not the paper's formula: the standard pre-LN block on the same weights differs by O(1).
+  standard = _standard_np(params, HISTORY, heads=2, blocks=2, pre_ln=True)
+  assert np.abs(standard[:3] - expected[:3]).max() > 0.1
+
+
+def test_position_init_std():
+  for std in (1.0, 0.02):
+    model = SASRec(IDEmbedding(N, 64, id_init='normal_0.02'), 200, block='kang_code',
+                   position_init_std=std)
+    params = model.init(jax.random.key(0), jnp.full((2, 200), N, jnp.int32),
+                        deterministic=True)['params']
+    positions = np.asarray(params['position_embedding']['embedding'])
+    table = np.asarray(params['item_embedding']['id_table'])
+    # 12,800 draws: the sample std is within 5% of the true one (about 8 standard errors).
+    assert abs(positions.std() / std - 1) < 0.05
+    assert abs(table.std() / 0.02 - 1) < 0.1  # 8 * 64 = 512 draws (the pad row included).
+  with pytest.raises(ValueError, match='position_init_std'):
+    SASRec(IDEmbedding(N, H), L, position_init_std=0.0).init(
+        jax.random.key(0), jnp.asarray(HISTORY), deterministic=True)
+
+
 @pytest.mark.parametrize('blocks', [1, 2])
 def test_reference_forward_matches_numpy_float64(blocks):
   model = _model('reference', blocks, num_heads=2)
@@ -188,7 +250,7 @@ def test_state_is_taken_at_the_last_non_pad_position():
                            [PAD, PAD, PAD, PAD, PAD],
                            [PAD, 1, 2, 3, 4]], np.int32)
   np.testing.assert_array_equal(last_nonpad_index(jnp.asarray(right_padded == PAD)), [2, 0, 4, 4])
-  for block in ('reference', 'standard'):
+  for block in ('reference', 'standard', 'kang_code'):
     model = _model(block)
     params = _random_params(model)
     encoded = model.apply({'params': params}, jnp.asarray(right_padded), deterministic=True,
@@ -200,7 +262,7 @@ def test_state_is_taken_at_the_last_non_pad_position():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('block', ['reference', 'standard'])
+@pytest.mark.parametrize('block', ['reference', 'standard', 'kang_code'])
 def test_causal_and_pad_row_invariance(block):
   model = _model(block, num_blocks=2)
   params = _random_params(model)
@@ -303,7 +365,7 @@ def test_dropout_masks_are_jax_random_bits_halves():
     np.testing.assert_allclose(block, np.asarray(got)[1:, 4:], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize('block', ['reference', 'standard'])
+@pytest.mark.parametrize('block', ['reference', 'standard', 'kang_code'])
 def test_encode_suffix_is_encode_at_the_last_positions(block):
   """Rows whose first L - S positions are padding: `encode_suffix` of their last S positions is
   `encode` there, in train mode with the same rngs (dropout masks of the full length)."""

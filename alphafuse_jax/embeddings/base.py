@@ -40,7 +40,7 @@ from alphafuse_jax import sparse_updates
 
 Array = jax.Array
 
-ID_INITS = ('zeros', 'normal', 'uniform', 'xavier', 'orthogonal', 'sparse')
+ID_INITS = ('zeros', 'normal', 'normal_0.02', 'uniform', 'xavier', 'orthogonal', 'sparse')
 
 
 class FrozenTable:
@@ -230,6 +230,9 @@ def id_initializer(name: str) -> Callable[..., Array]:
     return nn.initializers.zeros
   if name == 'normal':
     return nn.initializers.normal(stddev=1.0)
+  if name == 'normal_0.02':
+    # BERT's and GPT-2's initializer_range; the SASRec+ code's item table.
+    return nn.initializers.normal(stddev=0.02)
   if name == 'uniform':
     return _uniform(0.0, 1.0)
   if name == 'xavier':

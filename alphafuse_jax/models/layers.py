@@ -5,7 +5,9 @@ Two families live here:
     attention scaled by 1/sqrt(h) with no output projection, residual on the normalised queries, an
     FFN of width h with its own LayerNorm, four LayerNorms with eps 1e-5 and PyTorch initialisers;
   * the `standard` layers of SASRec as Kang & McAuley (2018) describe it: multi-head attention scaled
-    by 1/sqrt(h/H) with an output projection, pre-LN or post-LN residual sub-layers.
+    by 1/sqrt(h/H) with an output projection, pre-LN or post-LN residual sub-layers;
+  * `kang_code`: the block their code (and the ports the literature's numbers come from) computes,
+    whose residuals differ from the paper's formula (KangCodeBlock).
 
 Every module takes a boolean `pad_mask` [batch, seq_len] that is True at padding positions, instead of
 the reference's `sum(e) == 0` test; the masked scores get the reference's fill -2^32+1 either way.
@@ -31,6 +33,8 @@ Array = jax.Array
 # The reference fills masked attention scores with -2**32 + 1 (not -inf): a query row whose keys are
 # all masked then gets uniform weights instead of NaN. Those rows are padding and zeroed afterwards.
 MASK_FILL = -(2.0**32) + 1.0
+# The LayerNorm epsilon of Kang & McAuley's code (TF `normalize`, SASRec.pytorch).
+KANG_LAYER_NORM_EPS = 1e-8
 
 
 def attention_mask(pad_mask: Array) -> Array:
@@ -190,13 +194,17 @@ class MultiHeadSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool,
-               full_len: int | None = None) -> Array:
-    """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h]."""
+               full_len: int | None = None, keys: Array | None = None) -> Array:
+    """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len, h].
+
+    `keys` (same shape as x): keys and values come from it instead of x (Kang's code block).
+    """
     hidden = x.shape[-1]
     head_dim = hidden // self.num_heads
+    keys = x if keys is None else keys
     q = _split_heads(TorchDense(hidden, name='query')(x), self.num_heads)
-    k = _split_heads(TorchDense(hidden, name='key')(x), self.num_heads)
-    v = _split_heads(TorchDense(hidden, name='value')(x), self.num_heads)
+    k = _split_heads(TorchDense(hidden, name='key')(keys), self.num_heads)
+    v = _split_heads(TorchDense(hidden, name='value')(keys), self.num_heads)
     out = masked_softmax_attention(q, k, v, attention_mask(pad_mask), 1.0 / math.sqrt(head_dim),
                                    Dropout(self.dropout_rate), deterministic, full_len)
     return TorchDense(hidden, name='out')(_merge_heads(out))
@@ -253,13 +261,51 @@ class StandardBlock(nn.Module):
     return x
 
 
+class KangCodeBlock(nn.Module):
+  """A SASRec block as Kang & McAuley's code computes it (their TF `model.py`, SASRec.pytorch, and
+  the SASRec+ of Klenitskiy & Vasilev 2023, the literature's ML-1M leave-one-out row), which is
+  not the paper's formula:
+    q = LN1(x); x = q + Attn(queries q, keys/values x)   (residual on the normalised queries)
+    x = LN2(x); x = x + Dropout(W2 Dropout(ReLU(W1 x)))   (the FFN's residual is LN2's output)
+  Attn is the standard one (scale 1/sqrt(h/H), output projection, dropout on its weights only).
+  LayerNorm epsilon 1e-8, as theirs. Padding rows are zeroed after the block; with
+  `query_positions` every position is computed, then gathered (StandardBlock's interface).
+  """
+  num_heads: int = 1
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: Array, pad_mask: Array, *, deterministic: bool,
+               query_positions: Array | None = None, full_len: int | None = None) -> Array:
+    """x: [batch, seq_len, h]; pad_mask: bool [batch, seq_len] -> [batch, seq_len or 1, h]."""
+    hidden = x.shape[-1]
+    keep = (~pad_mask)[..., None].astype(x.dtype)
+
+    def dropout(y):
+      return dropout_as_in_full(Dropout(self.dropout_rate), y, deterministic=deterministic,
+                                full_len=full_len)
+
+    q = layer_norm(name='ln_1', epsilon=KANG_LAYER_NORM_EPS)(x)
+    x = q + MultiHeadSelfAttention(self.num_heads, self.dropout_rate, name='attention')(
+        q, pad_mask, deterministic=deterministic, full_len=full_len, keys=x)
+    x = layer_norm(name='ln_2', epsilon=KANG_LAYER_NORM_EPS)(x)
+    x = x + dropout(TorchDense(hidden, name='w_2')(dropout(nn.relu(
+        TorchDense(hidden, name='w_1')(x)))))
+    x = x * keep
+    if query_positions is not None:
+      x = jnp.take_along_axis(x, query_positions[:, None, None], axis=1)
+    return x
+
+
 # ---- the encoder stack shared by SASRec and LLM-ESR ----------------------------------------------
-BLOCK_STYLES = ('reference', 'standard')
+BLOCK_STYLES = ('reference', 'standard', 'kang_code')
+# Blocks whose backbone scales the item embeddings by sqrt(h), as Kang & McAuley do.
+SCALED_INPUT_BLOCKS = ('standard', 'kang_code')
 
 
 def encoder_blocks(block: str, num_blocks: int, num_heads: int, dropout_rate: float,
                    pre_ln: bool) -> tuple[list[nn.Module], nn.Module | None]:
-  """The blocks of an encoder and its final LayerNorm (standard pre-LN only, else None).
+  """The blocks of an encoder and its final LayerNorm (standard pre-LN and kang_code, else None).
 
   Call it in `setup` and assign both to attributes (`blocks`, `final_ln`) so their parameters
   are named `blocks_<i>` and `final_ln`. Checks the style, block count and dropout rate for both
@@ -274,6 +320,9 @@ def encoder_blocks(block: str, num_blocks: int, num_heads: int, dropout_rate: fl
     raise ValueError(f'config.model.dropout_rate must be in [0, 1), got {dropout_rate}.')
   if block == 'reference':
     return [ReferenceBlock(num_heads, dropout_rate) for _ in range(num_blocks)], None
+  if block == 'kang_code':
+    return ([KangCodeBlock(num_heads, dropout_rate) for _ in range(num_blocks)],
+            layer_norm(epsilon=KANG_LAYER_NORM_EPS))
   blocks = [StandardBlock(num_heads, dropout_rate, pre_ln) for _ in range(num_blocks)]
   return blocks, layer_norm() if pre_ln else None
 

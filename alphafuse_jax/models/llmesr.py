@@ -267,7 +267,7 @@ class LLMESR(base.Recommender):
   # ---- the sequence side -----------------------------------------------------------------------
   def _embed_view(self, view: Array, deterministic: bool) -> Array:
     """view [B, L, h] -> (x * sqrt(h) for standard blocks) + positions -> dropout."""
-    if self.block == 'standard':
+    if self.block in layers.SCALED_INPUT_BLOCKS:
       view = view * math.sqrt(view.shape[-1])
     view = view + self.position_embedding(jnp.arange(self.max_len))[None]
     return self.embedding_dropout(view, deterministic=deterministic)

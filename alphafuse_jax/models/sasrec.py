@@ -7,6 +7,10 @@ Two block styles (see `layers.py`):
   * 'standard': Kang & McAuley (2018). e = item_emb(x) * sqrt(h) + pos_emb, as in the paper and the
       original code; e = Dropout(e) * m; `num_blocks` pre-LN (or post-LN) blocks; a final LayerNorm
       in the pre-LN case (post-LN outputs are already normalised).
+  * 'kang_code': the block Kang & McAuley's code computes (layers.KangCodeBlock), input as
+      'standard', a final LayerNorm.
+Positions are learned, N(0, position_init_std^2) at init: 1 is PyTorch's nn.Embedding default
+(the reference's); the ports behind the literature's leave-one-out numbers use 0.02.
 
 The item embedding is any `embeddings.ItemEmbedding` (pad id = num_items). SASRec trains by its
 `objective` (losses.Objective): the last position's state, or every position's (leave-one-out),
@@ -62,6 +66,7 @@ class SASRec(base.Recommender):
     num_heads: attention heads; the hidden width h = item_embedding.features must divide evenly.
     dropout_rate: dropout at embeddings, attention probabilities and FFN outputs.
     pre_ln: 'standard' only: pre-LN (True) or post-LN (False) residual sub-layers.
+    position_init_std: standard deviation of the learned positions at init.
     objective: the training loss (config.train.loss and friends).
   """
   item_embedding: nn.Module
@@ -72,6 +77,7 @@ class SASRec(base.Recommender):
   dropout_rate: float = 0.1
   pre_ln: bool = True
   objective: losses.Objective = losses.Objective()
+  position_init_std: float = 1.0
 
   def setup(self):
     hidden = self.item_embedding.features
@@ -80,9 +86,12 @@ class SASRec(base.Recommender):
                        f'config.model.num_heads={self.num_heads}; pick a divisor of {hidden}.')
     if self.max_len < 1:
       raise ValueError(f'max_len (config.data.max_len) must be >= 1, got {self.max_len}.')
-    # PyTorch nn.Embedding default: N(0, 1).
-    self.position_embedding = nn.Embed(self.max_len, hidden,
-                                       embedding_init=nn.initializers.normal(1.0))
+    if not self.position_init_std > 0:
+      raise ValueError(f'config.model.position_init_std must be > 0, got '
+                       f'{self.position_init_std}.')
+    # 1: PyTorch nn.Embedding's default N(0, 1).
+    self.position_embedding = nn.Embed(
+        self.max_len, hidden, embedding_init=nn.initializers.normal(self.position_init_std))
     self.embedding_dropout = layers.Dropout(self.dropout_rate)
     self.blocks, self.final_ln = layers.encoder_blocks(
         self.block, self.num_blocks, self.num_heads, self.dropout_rate, self.pre_ln)
@@ -128,7 +137,7 @@ class SASRec(base.Recommender):
     full_len = self.max_len if suffix else None
     pad_mask = history == self.num_items
     x = self.item_embedding(history, deterministic=deterministic)
-    if self.block == 'standard':
+    if self.block in layers.SCALED_INPUT_BLOCKS:
       x = x * math.sqrt(x.shape[-1])
     x = x + self.position_embedding(jnp.arange(self.max_len - length, self.max_len))[None]
     x = layers.dropout_as_in_full(self.embedding_dropout, x, deterministic=deterministic,
