@@ -336,8 +336,8 @@ def test_leave_one_out_suite_and_its_report_text(tmp_path):
     config = experiments.load_config(cell.config)
     assert (config.embedding.pipeline, config.data.protocol, config.eval.exclude_seen,
             config.eval.short_history) == (cell.variant, 'leave_one_out', True, 40)
-    # The language rows are scaled for the standard block; the ID row has none to scale.
-    assert config.embedding.language_scale == (1.0 if cell.variant == 'id' else 0.1)
+    # The language rows are scaled to the ID table's N(0, 0.02); the ID row has none to scale.
+    assert config.embedding.language_scale == (1.0 if cell.variant == 'id' else 0.02)
   # The README says what was ranked and which ts_user: leave-one-out, seen items excluded, 40.
   suite = experiments.make_suite('smoke', seeds=[22])
   for (variant, seed), ranks in RANKS.items():
