@@ -71,10 +71,10 @@ def _np(params):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), params)
 
 
-def _ln(x, p):
+def _ln(x, p, eps=1e-5):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + 1e-5) * p['scale'] + p['bias']
+  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
 
 
 def _lin(x, p):
@@ -128,10 +128,12 @@ def _reference_np(params, ids, heads, blocks):
   return x
 
 
-def _standard_attention_np(p, x, ids, heads):
+def _standard_attention_np(p, x, ids, heads, keys=None):
+  """Multi-head attention of queries from x over keys and values from `keys` (default x)."""
   batch, seq_len, h = x.shape
   d = h // heads
-  q, k, v = (_lin(x, p[name]) for name in ('query', 'key', 'value'))
+  keys = x if keys is None else keys
+  q, k, v = _lin(x, p['query']), _lin(keys, p['key']), _lin(keys, p['value'])
   allowed = np.tril(np.ones((seq_len, seq_len), bool))[None] & (ids != PAD)[:, None, :]
   outs = []
   for head in range(heads):
@@ -141,11 +143,16 @@ def _standard_attention_np(p, x, ids, heads):
   return _lin(np.concatenate(outs, axis=-1), p['out'])
 
 
-def _standard_np(params, ids, heads, blocks, pre_ln):
-  p = _np(params)
+def _scaled_input_np(p, ids):
+  """Kang & McAuley's input: item rows x sqrt(h) + positions, padding rows zeroed; and the mask."""
   m = (ids != PAD)[..., None].astype(np.float64)
   x = p['item_embedding']['id_table'][ids] * math.sqrt(H) + p['position_embedding']['embedding']
-  x = x * m
+  return x * m, m
+
+
+def _standard_np(params, ids, heads, blocks, pre_ln):
+  p = _np(params)
+  x, m = _scaled_input_np(p, ids)
   for b in range(blocks):
     bp = p[f'blocks_{b}']
     ffn = lambda y: _lin(np.maximum(_lin(y, bp['w_1']), 0.0), bp['w_2'])
@@ -160,33 +167,18 @@ def _standard_np(params, ids, heads, blocks, pre_ln):
   return _ln(x, p['final_ln']) if pre_ln else x
 
 
-def _ln_kang(x, p):
-  mean = x.mean(-1, keepdims=True)
-  var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + 1e-8) * p['scale'] + p['bias']
-
-
 def _kang_code_np(params, ids, heads, blocks):
   """SASRec.pytorch's forward (Kang & McAuley's code) at eval: Q = LN(x); x = Q + MHA(Q, x, x);
-  x = LN(x); x = FFN(x) + x; x *= mask; then the last LayerNorm."""
+  x = LN(x); x = FFN(x) + x; x *= mask; then the last LayerNorm. LayerNorm eps 1e-8."""
   p = _np(params)
-  m = (ids != PAD)[..., None].astype(np.float64)
-  x = p['item_embedding']['id_table'][ids] * math.sqrt(H) + p['position_embedding']['embedding']
-  x = x * m
+  x, m = _scaled_input_np(p, ids)
   for b in range(blocks):
     bp = p[f'blocks_{b}']
-    att = bp['attention']
-    q = _ln_kang(x, bp['ln_1'])
-    qq, k, v = _lin(q, att['query']), _lin(x, att['key']), _lin(x, att['value'])
-    allowed = np.tril(np.ones((L, L), bool))[None] & (ids != PAD)[:, None, :]
-    d = H // heads
-    outs = [_softmax(np.where(allowed, qq[..., c] @ k[..., c].transpose(0, 2, 1) / math.sqrt(d),
-                              FILL)) @ v[..., c]
-            for c in (slice(i * d, (i + 1) * d) for i in range(heads))]
-    x = q + _lin(np.concatenate(outs, axis=-1), att['out'])
-    x = _ln_kang(x, bp['ln_2'])
+    q = _ln(x, bp['ln_1'], 1e-8)
+    x = q + _standard_attention_np(bp['attention'], q, ids, heads, keys=x)
+    x = _ln(x, bp['ln_2'], 1e-8)
     x = (_lin(np.maximum(_lin(x, bp['w_1']), 0.0), bp['w_2']) + x) * m
-  return _ln_kang(x, p['final_ln'])
+  return _ln(x, p['final_ln'], 1e-8)
 
 
 def test_kang_code_forward_matches_numpy_float64():
