@@ -1,6 +1,6 @@
 """Transformer layers shared by the SASRec and DreamRec backbones.
 
-Two families live here:
+Three families live here:
   * the `reference` layers, a literal port of the authors' `models/modules.py` (reference-spec §3.1):
     attention scaled by 1/sqrt(h) with no output projection, residual on the normalised queries, an
     FFN of width h with its own LayerNorm, four LayerNorms with eps 1e-5 and PyTorch initialisers;

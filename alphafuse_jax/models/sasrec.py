@@ -1,6 +1,6 @@
 """SASRec: a causal transformer over item histories that scores every item by a dot product.
 
-Two block styles (see `layers.py`):
+Three block styles (see `layers.py`):
   * 'reference': the authors' backbone (reference-spec §3.1), the default for parity.
       e = item_emb(x) + pos_emb (N(0,1) positions, no sqrt(h) scaling); e = Dropout(e) * m;
       then `num_blocks` reference blocks (the authors always use exactly 1).
@@ -61,7 +61,7 @@ class SASRec(base.Recommender):
   Attributes:
     item_embedding: the item-embedding module (pad id = item_embedding.num_items = N).
     max_len: history length L; inputs must be exactly [batch, L].
-    block: 'reference' (authors) or 'standard' (Kang & McAuley).
+    block: 'reference' (authors), 'standard' (Kang & McAuley's paper) or 'kang_code' (their code).
     num_blocks: stacked blocks (the reference always uses 1).
     num_heads: attention heads; the hidden width h = item_embedding.features must divide evenly.
     dropout_rate: dropout at embeddings, attention probabilities and FFN outputs.
