@@ -206,9 +206,10 @@ def test_position_init_std():
     # 12,800 draws: the sample std is within 5% of the true one (about 8 standard errors).
     assert abs(positions.std() / std - 1) < 0.05
     assert abs(table.std() / 0.02 - 1) < 0.1  # 8 * 64 = 512 draws (the pad row included).
-  with pytest.raises(ValueError, match='position_init_std'):
-    SASRec(IDEmbedding(N, H), L, position_init_std=0.0).init(
-        jax.random.key(0), jnp.asarray(HISTORY), deterministic=True)
+  for bad in (0.0, float('inf'), float('nan')):
+    with pytest.raises(ValueError, match='position_init_std must be a finite number > 0'):
+      SASRec(IDEmbedding(N, H), L, position_init_std=bad).init(
+          jax.random.key(0), jnp.asarray(HISTORY), deterministic=True)
 
 
 @pytest.mark.parametrize('blocks', [1, 2])

@@ -86,8 +86,8 @@ class SASRec(base.Recommender):
                        f'config.model.num_heads={self.num_heads}; pick a divisor of {hidden}.')
     if self.max_len < 1:
       raise ValueError(f'max_len (config.data.max_len) must be >= 1, got {self.max_len}.')
-    if not self.position_init_std > 0:
-      raise ValueError(f'config.model.position_init_std must be > 0, got '
+    if not (math.isfinite(self.position_init_std) and self.position_init_std > 0):
+      raise ValueError(f'config.model.position_init_std must be a finite number > 0, got '
                        f'{self.position_init_std}.')
     # 1: PyTorch nn.Embedding's default N(0, 1).
     self.position_embedding = nn.Embed(
