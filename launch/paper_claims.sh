@@ -4,7 +4,7 @@
 # report. Finished cells, here or archived in docs/runs/ by another machine, are skipped; an
 # interrupted one resumes from its checkpoints. Commit docs/runs/ as cells finish: the workdirs
 # under results/ never leave this machine.
-# On a 2-core CPU (measured): a convergence cell 1.2-1.8 hours, a sparse-data cell 15-30 min, a
+# On a 2-core CPU (measured): a convergence cell 0.6-1.8 hours, a sparse-data cell 15-30 min, a
 # leave-one-out cell 1-2 hours, a DreamRec cell up to 80 min; about 50 hours in all.
 # Usage: bash launch/paper_claims.sh [--dry_run]   (--dry_run: print the cells, run nothing)
 set -u
