@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Install what the tests need into .venv and run the whole suite. Extra args go to pytest.
+# Install what the tests need into .venv and run the whole suite. Extra args go to pytest
+# (`-n 0`: one process; `-m slow`: the slow tests only).
 # Fails when pytest fails and when it collects no test (pytest exit code 5).
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+# The suite is compile-bound: many tests (and the subprocesses of the device-count tests)
+# compile the same train and evaluation programs again. JAX's persistent compilation cache, fresh
+# for each run and removed after it, lets a program compiled once be loaded after that; a cached
+# program is the same executable, so no result changes.
+cache="$(mktemp -d "${TMPDIR:-/tmp}/alphafuse-test-jit.XXXXXX")"
+trap 'rm -rf "$cache"' EXIT
+export JAX_COMPILATION_CACHE_DIR="$cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2 \
+       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+# pytest-xdist: one worker per core, at most 4; a test file runs whole on one worker, so its
+# module fixtures (e.g. the prepared MovieLens-1M) are built once.
 set +e
-python -m pytest tests -q "$@"
+python -m pytest tests -q --numprocesses=auto --maxprocesses=4 --dist=loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
