@@ -501,6 +501,24 @@ def test_cells_without_ranks_are_not_archived(tmp_path):
   assert not (tmp_path / 'archive').exists()
 
 
+def test_a_run_of_some_cells_reports_the_whole_suite(tmp_path):
+  """A one-cell run's report covers every finished cell of the suite, not that cell only."""
+  one = experiments.make_suite('smoke', seeds=[23], variants=['id'])
+  whole = experiments.whole_suite(one, str(tmp_path))
+  assert (whole.variants, whole.seeds) == (('alphafuse', 'id'), (22, 23))
+  assert [c.name for c in whole.cells] == ['alphafuse_s22', 'alphafuse_s23', 'id_s22', 'id_s23']
+  # A seed beyond the suite's own is kept beside them.
+  extra = experiments.whole_suite(experiments.make_suite('smoke', seeds=[24]), str(tmp_path))
+  assert extra.seeds == (22, 23, 24)
+  runs = tmp_path / 'smoke' / 'runs'
+  for (variant, seed), ranks in RANKS.items():
+    if seed in (22, 23):
+      write_cell(runs / f'{variant}_s{seed}', ranks)
+  summary = experiments.build_report(whole, str(tmp_path), train_item_counts=COUNTS)
+  assert sorted(summary['cells']) == ['alphafuse_s22', 'alphafuse_s23', 'id_s22', 'id_s23']
+  assert summary['comparisons']['NDCG@20']['overall']['id']['seeds'] == [22, 23]
+
+
 def test_runner_skips_archived_cells(tmp_path):
   suite = experiments.make_suite('smoke', seeds=[22, 23], variants=['alphafuse'])
   results_dir, archive_dir = tmp_path / 'results', tmp_path / 'archive'

@@ -2,7 +2,7 @@
 
   python -m alphafuse_jax.experiments --suite=ml1m_sasrec   # see __main__.py for the flags
 
-  suites.py    `Cell`, `Suite`, the suites as data (`SUITES`, `make_suite`), `load_config`
+  suites.py    `Cell`, `Suite`, the suites as data (`SUITES`, `make_suite`, `whole_suite`), `load_config`
   runner.py    cell workdir/log/command, `run_cell_subprocess`, `run_suite` (resumable)
   stats.py     reading results/ranks/curves, popularity deciles, mean +- std, the paired tie rule
   report.py    per-cell group metrics (`evaluation.group_masks`), tables, summary.json
@@ -53,6 +53,7 @@ from alphafuse_jax.experiments.suites import REPO_ROOT
 from alphafuse_jax.experiments.suites import Suite
 from alphafuse_jax.experiments.suites import SuiteError
 from alphafuse_jax.experiments.suites import SUITES
+from alphafuse_jax.experiments.suites import whole_suite
 
 __all__ = ['aggregate', 'archive', 'build_report', 'Cell', 'CELL_ENV', 'cell_command', 'cell_log',
            'cell_workdir', 'CellOutcome', 'CellReport', 'CellRunner', 'collect_cell',
@@ -62,4 +63,4 @@ __all__ = ['aggregate', 'archive', 'build_report', 'Cell', 'CELL_ENV', 'cell_com
            'plot_learning_curves', 'plot_sweep', 'popularity_deciles', 'publish',
            'read_test_ranks', 'render_readme', 'report_from_config', 'REPO_ROOT',
            'run_cell_subprocess', 'run_suite', 'spectrum_figure', 'Suite', 'SuiteError', 'SUITES',
-           'TABLE_METRICS']
+           'TABLE_METRICS', 'whole_suite']

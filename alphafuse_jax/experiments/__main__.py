@@ -38,7 +38,8 @@ from alphafuse_jax.experiments.suites import REPO_ROOT
 _SUITE_NAMES = ', '.join(list(suites.SUITES)[:-1]) + f' or {list(suites.SUITES)[-1]}'
 flags.DEFINE_string('suite', None, f'{_SUITE_NAMES}.', required=True)
 flags.DEFINE_list('seeds', None, 'Seeds (default: the suite\'s).')
-flags.DEFINE_list('pipelines', None, 'Rows to run/report (default: all of the suite\'s).')
+flags.DEFINE_list('pipelines', None, 'Rows to run (default: all of the suite\'s); with '
+                  '--report_only, the rows to report.')
 flags.DEFINE_bool('report_only', False, 'Only (re)write the report from existing runs.')
 flags.DEFINE_string('results_dir', 'results', 'Root of results/<suite>/.')
 flags.DEFINE_string('publish_dir', '', 'Also copy README.md and the PNGs here.')
@@ -76,7 +77,10 @@ def main(argv: Sequence[str]) -> int:
     for o in outcomes:
       if o.status in ('failed', 'busy'):
         print(f'  {o.cell.name} {o.status}: {o.detail}', file=sys.stderr)
-  # The report covers whatever has finished, also after failures.
+  # The report covers whatever has finished, also after failures; after a run of some cells,
+  # every row and seed of the suite (--report_only reports the rows and seeds asked for).
+  if not f.report_only:
+    suite = suites.whole_suite(suite, f.results_dir)
   summary = report.report_from_config(suite, f.results_dir, short_history=f.short_history,
                                       head_fraction=f.head_fraction, with_spectrum=f.spectrum,
                                       command=command.strip(),

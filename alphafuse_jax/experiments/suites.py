@@ -312,3 +312,15 @@ def make_suite(name: str, seeds: Sequence[int] | None = None,
   return Suite(name, spec.description, spec.config, variants, seeds, cells, spec.baseline,
                sweep_values=sweep_values, sweep_label=spec.sweep_label, spectrum=spec.spectrum,
                published=spec.published)
+
+
+def whole_suite(suite: Suite, results_dir: str = 'results') -> Suite:
+  """`suite` widened to every row of its spec and its default seeds (plus any extra it has).
+
+  What a run of some cells reports: the suite's report then covers every finished cell, so a
+  one-cell run never shrinks `README.md` and `summary.json` (which other suites' reports read)
+  to that one cell.
+  """
+  seeds = sorted(set(SUITES[suite.name].seeds) | set(suite.seeds))
+  return make_suite(suite.name, seeds=seeds, results_dir=results_dir)
+
