@@ -2,7 +2,8 @@
 
   python -m alphafuse_jax.experiments --suite=ml1m_sasrec   # see __main__.py for the flags
 
-  suites.py    `Cell`, `Suite`, the suites as data (`SUITES`, `make_suite`, `whole_suite`), `load_config`
+  suites.py    `Cell`, `Suite`, the suites as data (`SUITES`, `make_suite`, `whole_suite`),
+               `load_config`
   runner.py    cell workdir/log/command, `run_cell_subprocess`, `run_suite` (resumable)
   stats.py     reading results/ranks/curves, popularity deciles, mean +- std, the paired tie rule
   report.py    per-cell group metrics (`evaluation.group_masks`), tables, summary.json

@@ -323,4 +323,3 @@ def whole_suite(suite: Suite, results_dir: str = 'results') -> Suite:
   """
   seeds = sorted(set(SUITES[suite.name].seeds) | set(suite.seeds))
   return make_suite(suite.name, seeds=seeds, results_dir=results_dir)
-
