@@ -11,6 +11,11 @@ cache="$(mktemp -d "${TMPDIR:-/tmp}/alphafuse-test-jit.XXXXXX")"
 trap 'rm -rf "$cache"' EXIT
 export JAX_COMPILATION_CACHE_DIR="$cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2 \
        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+# XLA:CPU's classic loop emitters compile these small programs about a quarter faster than its
+# fusion emitters (the default); they compute the same operations, and every float32 comparison in
+# the suite allows for a change of fusion. Tests hand XLA_FLAGS on to the processes they start
+# (tests/cpu_env.py). BENCHMARKS.md, "The test suite's wall time", has the measurement.
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_use_fusion_emitters=false"
 # pytest-xdist: one worker per core, at most 4; a test file runs whole on one worker, so its
 # module fixtures (e.g. the prepared MovieLens-1M) are built once.
 set +e

@@ -6,7 +6,6 @@ table, JSON and a plot.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from alphafuse_jax import builders
 from alphafuse_jax import evaluation
 from alphafuse_jax import train
 from alphafuse_jax.benchmarks import sweep
+from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -70,8 +70,7 @@ def test_worker_times_the_training_loops_own_steps(monkeypatch):
 # checks that it times the loop's own steps. `bash launch/test.sh -m slow` runs it.
 @pytest.mark.slow
 def test_quick_run_writes_table_json_and_plot(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = cpu_env()
   proc = subprocess.run([sys.executable, '-m', 'alphafuse_jax.benchmarks.sweep', '--quick',
                          f'--out_dir={tmp_path}'], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=240)

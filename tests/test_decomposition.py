@@ -1,7 +1,6 @@
 """Tests for alphafuse_jax.decomposition against an independent float64 numpy oracle."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from alphafuse_jax import decomposition as dc
 from alphafuse_jax import streaming_decomposition as sd
+from tests.cpu_env import cpu_env
 
 
 # ---- the oracle: numpy float64, written independently of the library -----------------------
@@ -340,8 +340,7 @@ print(json.dumps(out))
 
 def test_streamed_fit_is_data_parallel_over_local_devices():
   """4 host devices each take a quarter of every block; one psum; same space as 1 device."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
+  env = cpu_env(4)
   result = subprocess.run([sys.executable, '-c', _DEVICES_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
   assert result.returncode == 0, result.stderr[-3000:]

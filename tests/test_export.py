@@ -22,6 +22,7 @@ from alphafuse_jax import inference_artifacts
 from alphafuse_jax import serving
 from alphafuse_jax import train as train_lib
 from tests import test_embeddings as emb_tests
+from tests.cpu_env import cpu_env
 from tests.test_serving import assert_top_k
 from tests.test_train import make_config
 
@@ -88,7 +89,7 @@ def test_exported_functions_run_without_the_package(recommender, tmp_path):
   proc = subprocess.run([sys.executable, '-I', '-S', '-c', LOADER, str(site), str(out),
                          str(tmp_path / 'history.npy'), str(tmp_path / 'got.npz')],
                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                        env=cpu_env())
   assert proc.returncode == 0, proc.stderr
   got = np.load(tmp_path / 'got.npz')
   assert got['modules'].size == 0
@@ -119,7 +120,7 @@ def test_export_cli_refuses_to_overwrite(recommender, tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'alphafuse_jax.export', f'--workdir={recommender.workdir}',
        f'--out={tmp_path / "taken"}', '--k=3'], cwd=ROOT, capture_output=True, text=True,
-      timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      timeout=300, env=cpu_env())
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith('error: ServingError: ')
   assert 'pass --overwrite' in proc.stderr

@@ -10,7 +10,6 @@ start with the fix named.
 
 import functools
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from alphafuse_jax.embeddings import base as emb_base
 from alphafuse_jax.embeddings import pipelines
 from tests.test_train import make_config
 from tests.test_train import make_dataset
+from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -75,8 +75,7 @@ json.dump({'results': results, 'table_bytes': before, 'table_bytes_after': devic
 
 def _run(overrides, out: pathlib.Path, devices: int, shards: int) -> dict:
   out.mkdir(parents=True)
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = cpu_env(devices)
   proc = subprocess.run([sys.executable, '-c', SCRIPT, json.dumps(overrides), str(out),
                          str(shards)], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=400)
@@ -216,7 +215,7 @@ def test_bad_model_shards_fail_at_start(overrides, message):
 
 
 def test_builder_builds_item_tables_sharded_and_place_state_keeps_them():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = cpu_env(2)
   proc = subprocess.run([sys.executable, '-c', 'from tests.test_model_sharding import '
                          'check_builder; check_builder()'], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)

@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tests.test_train import flag_args, make_dataset
+from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -42,8 +43,7 @@ def free_port() -> int:
 
 def launch(overrides: dict, workdir: pathlib.Path, extra: list[str]) -> subprocess.Popen:
   """One training process with 1 CPU device, in its own session (so killpg reaches it all)."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = cpu_env(1)
   env.pop('ALPHAFUSE_CPU_DEVICES', None)
   cmd = [sys.executable, '-m', 'alphafuse_jax.main', '--config=configs/tiny.py',
          f'--workdir={workdir}', *flag_args(overrides), *extra]

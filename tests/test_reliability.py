@@ -38,6 +38,7 @@ from alphafuse_jax import train as train_lib
 from alphafuse_jax.data import sources
 from tests.test_train import make_config
 from tests.test_train import make_dataset
+from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -331,7 +332,7 @@ def test_a_data_error_removes_the_workdir_it_created(synthetic, tmp_path):
 
 # ---- 9: main ------------------------------------------------------------------------------------
 def test_main_prints_one_line_and_exits_2(synthetic, tmp_path):
-  env = dict(os.environ, ALPHAFUSE_CPU_DEVICES='1', JAX_PLATFORMS='cpu')
+  env = cpu_env(ALPHAFUSE_CPU_DEVICES='1')
   args = [sys.executable, '-m', 'alphafuse_jax.main', '--config=configs/tiny.py',
           f'--workdir={tmp_path / "w"}', '--config.eval.ks=1,5,10']
   proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -348,8 +349,7 @@ def test_main_prints_one_line_and_exits_2(synthetic, tmp_path):
 
 # ---- the kill -9 soak (slow) --------------------------------------------------------------------
 def _cli(overrides, workdir, data_dir):
-  env = dict(os.environ, ALPHAFUSE_CPU_DEVICES='2', JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = cpu_env(ALPHAFUSE_CPU_DEVICES='2')
   args = [f'--config.{k}={v}' for k, v in overrides.items() if k != 'data.data_dir']
   return subprocess.Popen(
       [sys.executable, '-m', 'alphafuse_jax.main', '--config=configs/tiny.py',

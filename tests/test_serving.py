@@ -29,6 +29,7 @@ from tests import test_embeddings as emb_tests
 from tests import test_sasrec as sas
 from tests.test_metrics_chunked import _problem
 from tests.test_train import make_config, make_dataset
+from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GENRES = ('Drama', 'Comedy|Romance', 'Action|Thriller', 'Sci-Fi', 'Horror|Mystery')
@@ -346,7 +347,7 @@ def test_top_k_chunked_matches_sorted_scores(chunk_size, k, group_size):
 
 # ---- the command line ----------------------------------------------------------------------------
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = cpu_env()
   return subprocess.run([sys.executable, '-m', 'alphafuse_jax.recommend', *args], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
 

@@ -8,7 +8,6 @@ exactly; the loss never reads the whole table; bad configs are refused with the 
 """
 
 import functools
-import os
 import pathlib
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from alphafuse_jax.embeddings import base as embeddings_base
 from alphafuse_jax.embeddings import pipelines
 from alphafuse_jax.models import base
 from configs import default
+from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Items, history length, global batch, width, shared negatives, language width.
@@ -290,7 +290,7 @@ def device_batches():
 def test_one_and_two_devices_agree(tmp_path, mode):
   _, _, state, dp, mapped = stepper()
   one = run(dp, mapped, state, device_batches())[-1]
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = cpu_env(2)
   proc = subprocess.run([sys.executable, '-c', DEVICES_SCRIPT, str(tmp_path / 'two.npz'), mode],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr

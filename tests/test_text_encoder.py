@@ -6,7 +6,6 @@ BERT written here for a tiny random model.
 
 import json
 import math
-import os
 import pathlib
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import safetensors.numpy
 from alphafuse_jax import text
 from alphafuse_jax.text import bert
 from alphafuse_jax.text import encoder as encoder_lib
+from tests.cpu_env import cpu_env
 
 GOLDEN = pathlib.Path(__file__).parent / 'fixtures' / 'minilm_golden.json'
 TINY = bert.BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
@@ -89,7 +89,7 @@ print(json.dumps({'devices': len(encoder.devices), 'shards': [list(x.data.shape)
 def test_data_parallel_over_two_devices_matches_golden(golden):
   """Rows split over 2 virtual CPU devices (3 texts padded to 4 rows) give the same vectors."""
   texts, expected, _ = golden
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  env = cpu_env(2)
   result = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, json.dumps(texts[2:5])],
                           env=env, capture_output=True, text=True, timeout=300,
                           cwd=pathlib.Path(__file__).parents[1])

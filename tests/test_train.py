@@ -22,6 +22,7 @@ from alphafuse_jax import metric_writers
 from alphafuse_jax import train as train_lib
 from configs import dreamrec
 from configs import tiny
+from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_USERS, NUM_ITEMS, DIM = 80, 40, 24
@@ -85,8 +86,7 @@ def synthetic(tmp_path_factory):
 
 
 def run_cli(overrides: dict, workdir, devices: int = 2, **popen):
-  env = dict(os.environ, ALPHAFUSE_CPU_DEVICES=str(devices), JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = cpu_env(ALPHAFUSE_CPU_DEVICES=str(devices))
   cmd = [sys.executable, '-m', 'alphafuse_jax.main', '--config=configs/tiny.py',
          f'--workdir={workdir}', *flag_args(overrides)]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -217,8 +217,7 @@ for mode in sys.argv[3:]:
 
 
 def _params_after_5_steps(overrides, workdir, devices, modes):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = cpu_env(devices)
   proc = subprocess.run([sys.executable, '-c', PARAMS_SCRIPT, json.dumps(overrides),
                          str(workdir), *modes], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
@@ -363,3 +362,13 @@ def test_tensorboard_events_are_written_beside_metrics_jsonl(synthetic, tmp_path
   assert metric_writers.tensorboard_tag('val/NDCG@20') == 'val/NDCG_20'
   np.testing.assert_allclose([v for _, v in scalars['val/NDCG_20']],
                              [r['val/NDCG@20'] for r in records], rtol=1e-6)
+
+
+def test_child_processes_keep_the_parents_xla_flags_but_not_its_device_count(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_a=1  --xla_b')
+  assert cpu_env(2)['XLA_FLAGS'] == '--xla_a=1 --xla_b --xla_force_host_platform_device_count=2'
+  env = cpu_env(ALPHAFUSE_CPU_DEVICES='3')
+  assert env['XLA_FLAGS'] == '--xla_a=1 --xla_b' and env['ALPHAFUSE_CPU_DEVICES'] == '3'
+  assert env['JAX_PLATFORMS'] == 'cpu'
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  assert 'XLA_FLAGS' not in cpu_env()
