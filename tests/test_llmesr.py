@@ -95,8 +95,8 @@ def test_id_table_feeds_the_encoder_only_in_the_dual_view(block):
       assert np.all(id_grad[seen].sum(axis=1) > 0)
       assert changed > 1e-3
     # Either way the ID table reaches the loss through the scores.
-    score_grad = jax.grad(lambda p: jnp.sum(model.apply(
-        {'params': p}, states(model, p), method='score') ** 2))(params)
+    score_grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(
+        {'params': p}, states(model, p), method='score') ** 2)))(params)
     assert np.abs(np.asarray(score_grad['item_embedding']['id_table'][:N])).min() > 0
 
 
@@ -255,22 +255,22 @@ def test_distillation_matches_numpy(loss):
   params = init(model)
   user_id = jnp.array([2, 0, 1], jnp.int32)
   row_mask = jnp.array([True, False, True])
-  student = np.asarray(states(model, params), np.float64)
-  teacher_states = np.asarray(states(model, params, jnp.asarray(teacher_histories)), np.float64)
+  forward = jax.jit(lambda p, h: states(model, p, h))
+  student = np.asarray(forward(params, HISTORY), np.float64)
+  teacher_states = np.asarray(forward(params, jnp.asarray(teacher_histories)), np.float64)
   teacher = teacher_states[similar[np.asarray(user_id)]].mean(axis=1)
   keep = np.asarray(row_mask)
   if loss == 'kd':
     expected = np.mean((student[keep] - teacher[keep]) ** 2)
   else:
     expected = numpy_contrastive_loss2(student[keep], teacher[keep])
-  got = model.apply({'params': params}, HISTORY, user_id, row_mask, deterministic=True,
-                    method='batch_loss')
+  batch_loss = jax.jit(lambda p, h, u, m: model.apply({'params': p}, h, u, m, deterministic=True,
+                                                      method='batch_loss'))
+  got = batch_loss(params, HISTORY, user_id, row_mask)
   np.testing.assert_allclose(got, 0.5 * expected, rtol=1e-4)
   # The teacher is a constant: its sequences get no gradient through the distillation.
   # (Two rows: a one-row Contrastive_Loss2 is constant.)
-  grads = jax.grad(lambda p: model.apply({'params': p}, HISTORY[:2], user_id[:2],
-                                         jnp.array([True, True]), deterministic=True,
-                                         method='batch_loss'))(params)
+  grads = jax.jit(jax.grad(batch_loss))(params, HISTORY[:2], user_id[:2], jnp.array([True, True]))
   id_grad = np.abs(np.asarray(grads['item_embedding']['id_table'])).sum(axis=1)
   only_teacher = np.setdiff1d(teacher_histories[similar[[2, 0]]].ravel(),
                               np.asarray(HISTORY[:2]))
