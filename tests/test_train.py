@@ -318,10 +318,10 @@ def test_leave_one_out_with_seen_items_excluded_matches_a_float64_oracle(synthet
   # One test example per user: the last item of each sequence.
   assert results['test']['count'] == len(np.unique(test['user_id'])) == len(test['target'])
   model = builders.build_model(config, dataset, builders.load_language_embeddings(config, dataset))
-  template = train_lib.init_params(model, jax.random.key(0))
+  template = jax.eval_shape(lambda: train_lib.init_params(model, jax.random.key(0)))
   params = checkpointing.Checkpoints(str(tmp_path)).restore_best(template)
-  states = np.asarray(model.apply({'params': params}, test['history'], deterministic=True),
-                      np.float64)
+  encode = jax.jit(lambda p, h: model.apply({'params': p}, h, deterministic=True))
+  states = np.asarray(encode(params, test['history']), np.float64)
   table = np.asarray(model.apply({'params': params}, method='item_table'), np.float64)
   scores = states @ table.T
   indptr, items = data.seen_items(dataset, 'test')
