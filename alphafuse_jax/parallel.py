@@ -151,8 +151,15 @@ class DataParallel:
   def replicate(self, tree: Any) -> Any:
     """Puts an identical copy of `tree` on every device."""
     if self.mode == 'pmap':
-      # jax.device_put_replicated was removed in JAX 0.10; flax's helper still does this.
-      return flax.jax_utils.replicate(tree, devices=self.local_devices)
+      if jax.process_count() > 1:
+        return flax.jax_utils.replicate(tree, devices=self.local_devices)
+      # Stacked over the local devices on an axis named AXIS: the sharding jax.pmap gives its
+      # outputs, so a step's first call runs the program every later call runs. (flax's
+      # `replicate` names its mesh axis '_device_put_sharded': pmap compiled each step twice.)
+      stacked = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), P(AXIS))
+      return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+          (len(self.local_devices),) + np.shape(x), stacked,
+          [jax.device_put(np.asarray(x)[None], d) for d in self.local_devices]), tree)
     return jax.tree.map(lambda x: self._put(x, self._replicated), tree)
 
   def _put(self, x: Any, sharding: NamedSharding) -> jax.Array:

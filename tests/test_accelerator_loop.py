@@ -294,3 +294,32 @@ def test_unsynced_cpu_steps_with_several_devices_stay_under_the_deadlock():
   train_lib.validate_config(config, 2)
   config.sync_every_step, config.log_every_steps = None, 100  # Auto: every step read on CPU.
   train_lib.validate_config(config, 2)
+
+
+LOWERED = '/jax/core/compile/jaxpr_to_mlir_module_duration'  # JAX's event: one jaxpr lowered.
+
+
+@pytest.mark.parametrize('mode', ['pmap', 'shard_map'])
+def test_a_step_is_lowered_and_compiled_once(mode):
+  """The replicated state has the placement the step gives its outputs, so the first call's
+  program is every later call's. (Placed by flax's `replicate`, pmap's state lived on a mesh
+  axis named '_device_put_sharded': the second call lowered and compiled the step again, on a
+  TPU a second compilation of the whole train step.)"""
+  dp = parallel.DataParallel(mode)
+  mapped = dp.map(lambda t: jax.tree.map(lambda v: v + 1, t), ('replicated',), 'replicated')
+  state = dp.replicate({'w': np.arange(3.0, dtype=np.float32), 'step': 0})
+  lowered = []
+
+  def listen(event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == LOWERED:
+      lowered.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for _ in range(3):
+      state = mapped(state)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert len(lowered) == 1
+  np.testing.assert_array_equal(np.asarray(dp.unreplicate(state)['w']), [3.0, 4.0, 5.0])
