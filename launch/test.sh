@@ -14,8 +14,12 @@ export JAX_COMPILATION_CACHE_DIR="$cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_
 # XLA:CPU's classic loop emitters compile these small programs about a quarter faster than its
 # fusion emitters (the default); they compute the same operations, and every float32 comparison in
 # the suite allows for a change of fusion. Tests hand XLA_FLAGS on to the processes they start
-# (tests/cpu_env.py). BENCHMARKS.md, "The test suite's wall time", has the measurement.
-export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_use_fusion_emitters=false"
+# (tests/cpu_env.py). BENCHMARKS.md, "The test suite's wall time", has the measurement. To test
+# with the default emitters: XLA_FLAGS=--xla_cpu_use_fusion_emitters=true bash launch/test.sh
+case "${XLA_FLAGS:-}" in
+  *xla_cpu_use_fusion_emitters*) ;;
+  *) export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_use_fusion_emitters=false" ;;
+esac
 # pytest-xdist: one worker per core, at most 4; a test file runs whole on one worker, so its
 # module fixtures (e.g. the prepared MovieLens-1M) are built once.
 set +e
