@@ -303,8 +303,8 @@ LOWERED = '/jax/core/compile/jaxpr_to_mlir_module_duration'  # JAX's event: one 
 def test_a_step_is_lowered_and_compiled_once(mode):
   """The replicated state has the placement the step gives its outputs, so the first call's
   program is every later call's. (Placed by flax's `replicate`, pmap's state lived on a mesh
-  axis named '_device_put_sharded': the second call lowered and compiled the step again, on a
-  TPU a second compilation of the whole train step.)"""
+  axis named '_device_put_sharded': the second call lowered and compiled the step again. That
+  is JAX's tracing cache, not XLA:CPU's, so every backend paid it.)"""
   dp = parallel.DataParallel(mode)
   mapped = dp.map(lambda t: jax.tree.map(lambda v: v + 1, t), ('replicated',), 'replicated')
   state = dp.replicate({'w': np.arange(3.0, dtype=np.float32), 'step': 0})
