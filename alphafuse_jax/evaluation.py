@@ -20,6 +20,7 @@ text-derived initialisation; SASRec-ID: untrained random rows, so it ranks new i
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Mapping, Sequence
 
@@ -247,9 +248,9 @@ class Evaluator:
 
   def __init__(self, dp: parallel.DataParallel, model, config: ml_collections.ConfigDict,
                dataset: data_lib.PreparedDataset, split: str):
-    self.dp, self.dataset, self.split = dp, dataset, split
+    self.dp, self.dataset = dp, dataset
     self.batch_size = config.eval.batch_size
-    self.arrays = _eval_arrays(dataset, split, config.eval.exclude_seen)
+    self.exclude_seen = config.eval.exclude_seen
     self.ks = tuple(config.eval.ks)
     self.ties = config.eval.ties  # How tied ranks count (metrics.summarize_ranks).
     self.head_fraction = config.eval.head_fraction
@@ -258,12 +259,9 @@ class Evaluator:
     self.sampled_negatives = int(config.eval.sampled_negatives)
     # cold_start_items: the new items (every target is one), ranked among themselves too.
     self.new_items = None if dataset.new_items is None else np.asarray(dataset.new_items, bool)
+    self._use_split(split)
     self._initial = None  # The new items' ID rows at init, for free-row pipelines.
     if self.new_items is not None:
-      targets = np.asarray(self.arrays['target'])
-      if not self.new_items[targets].all():
-        raise ValueError(f'the {split} split of a dataset with new items has old-item targets; '
-                         'only cold_start_items val/test splits (all targets new) rank new items.')
       if not registry.get_pipeline(config.embedding.pipeline).text_map:
         self._initial = initial_params(model, config)
     self.columns = rank_columns(bool(self.sampled_negatives), self.new_items is not None)
@@ -291,6 +289,21 @@ class Evaluator:
     self.seconds = 0.0
     self.examples = 0
     self._passes = 0
+
+  def _use_split(self, split: str) -> None:
+    self.split = split
+    self.arrays = _eval_arrays(self.dataset, split, self.exclude_seen)
+    if self.new_items is not None and not self.new_items[np.asarray(self.arrays['target'])].all():
+      raise ValueError(f'the {split} split of a dataset with new items has old-item targets; '
+                       'only cold_start_items val/test splits (all targets new) rank new items.')
+
+  def for_split(self, split: str) -> Evaluator:
+    """This evaluator on another split of its dataset, running the programs this one compiled
+    (a new `Evaluator` would trace and compile the same eval step again)."""
+    other = copy.copy(self)
+    other._use_split(split)  # pylint: disable=protected-access
+    other.last_ranks, other.seconds, other.examples, other._passes = None, 0.0, 0, 0
+    return other
 
   def ranks(self, params) -> np.ndarray:
     """Every example's ranks, in split order: int [n, len(self.columns)] (`rank_columns`).

@@ -340,7 +340,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
   # Test once, from the best checkpoint.
   best_params = dp.place_state(ckpt.restore_best(state.params))
   val_result = val_eval.evaluate(best_params)
-  test_eval = evaluation.Evaluator(dp, model, config, dataset, 'test')
+  test_eval = val_eval.for_split('test')  # The same compiled programs.
   test_groups = test_eval.evaluate(best_params, groups=True)
   sampled = test_groups.pop('sampled', None)
   ckpt.close()

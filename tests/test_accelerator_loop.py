@@ -13,6 +13,7 @@ of a device value passes (float(), np.asarray, jax.device_get, printing); the pe
 switched on shows that the count sees the loop's reads.
 """
 
+import contextlib
 import re
 import types
 
@@ -25,6 +26,7 @@ import pytest
 from alphafuse_jax import checkpointing
 from alphafuse_jax import data as data_lib
 from alphafuse_jax import errors
+from alphafuse_jax import evaluation
 from alphafuse_jax import parallel
 from alphafuse_jax import precision
 from alphafuse_jax import train as train_lib
@@ -299,15 +301,9 @@ def test_unsynced_cpu_steps_with_several_devices_stay_under_the_deadlock():
 LOWERED = '/jax/core/compile/jaxpr_to_mlir_module_duration'  # JAX's event: one jaxpr lowered.
 
 
-@pytest.mark.parametrize('mode', ['pmap', 'shard_map'])
-def test_a_step_is_lowered_and_compiled_once(mode):
-  """The replicated state has the placement the step gives its outputs, so the first call's
-  program is every later call's. (Placed by flax's `replicate`, pmap's state lived on a mesh
-  axis named '_device_put_sharded': the second call lowered and compiled the step again. That
-  is JAX's tracing cache, not XLA:CPU's, so every backend paid it.)"""
-  dp = parallel.DataParallel(mode)
-  mapped = dp.map(lambda t: jax.tree.map(lambda v: v + 1, t), ('replicated',), 'replicated')
-  state = dp.replicate({'w': np.arange(3.0, dtype=np.float32), 'step': 0})
+@contextlib.contextmanager
+def _lowerings():
+  """The jaxprs JAX lowers (to compile or to look up in the compilation cache) inside."""
   lowered = []
 
   def listen(event, duration_secs, **kwargs):
@@ -317,9 +313,43 @@ def test_a_step_is_lowered_and_compiled_once(mode):
 
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
-    for _ in range(3):
-      state = mapped(state)
+    yield lowered
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.mark.parametrize('mode', ['pmap', 'shard_map'])
+def test_a_step_is_lowered_and_compiled_once(mode):
+  """The replicated state has the placement the step gives its outputs, so the first call's
+  program is every later call's. (Placed by flax's `replicate`, pmap's state lived on a mesh
+  axis named '_device_put_sharded': the second call lowered and compiled the step again. That
+  is JAX's tracing cache, not XLA:CPU's, so every backend paid it.)"""
+  dp = parallel.DataParallel(mode)
+  mapped = dp.map(lambda t: jax.tree.map(lambda v: v + 1, t), ('replicated',), 'replicated')
+  state = dp.replicate({'w': np.arange(3.0, dtype=np.float32), 'step': 0})
+  with _lowerings() as lowered:
+    for _ in range(3):
+      state = mapped(state)
   assert len(lowered) == 1
   np.testing.assert_array_equal(np.asarray(dp.unreplicate(state)['w']), [3.0, 4.0, 5.0])
+
+
+def test_the_test_split_runs_the_programs_the_validation_compiled(synthetic):
+  """`Evaluator.for_split`: the test pass lowers nothing (a second `Evaluator` traced and compiled
+  the same eval step again) and gives the ranks a fresh test `Evaluator` gives."""
+  config = make_config(synthetic)
+  dataset = data_lib.load(config.data)
+  model = train_lib.build_model(config, dataset)
+  dp = parallel.DataParallel(config.parallelism)
+  params = dp.replicate(train_lib.init_params(model, jax.random.key(0)))
+  val = evaluation.Evaluator(dp, model, config, dataset, 'val')
+  val_ranks = val.ranks(params)
+  with _lowerings() as lowered:
+    test = val.for_split('test')
+    got = test.ranks(params)
+  assert not lowered
+  assert test.split == 'test' and val.split == 'val'
+  assert len(got) == len(dataset.splits['test']['target']) != len(val_ranks)
+  np.testing.assert_array_equal(
+      got, evaluation.Evaluator(dp, model, config, dataset, 'test').ranks(params))
+  np.testing.assert_array_equal(val.ranks(params), val_ranks)

@@ -95,7 +95,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   dp = parallel.DataParallel(config.parallelism)
   params = dp.replicate({}) if dp.mode == 'pmap' else {}
   val_eval = evaluation.Evaluator(dp, model, config, dataset, 'val')
-  test_eval = evaluation.Evaluator(dp, model, config, dataset, 'test')
+  test_eval = val_eval.for_split('test')
   eval_start = time.perf_counter()  # Both passes, compilation included.
   val = val_eval.evaluate(params)
   test_groups = test_eval.evaluate(params, groups=True)
