@@ -25,9 +25,9 @@ from alphafuse_jax import serving
 from alphafuse_jax import train as train_lib
 from alphafuse_jax.embeddings import base as emb_base
 from alphafuse_jax.embeddings import pipelines
+from tests.cpu_env import cpu_env
 from tests.test_train import make_config
 from tests.test_train import make_dataset
-from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

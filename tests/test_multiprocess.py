@@ -26,8 +26,8 @@ import pytest
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.test_train import flag_args, make_dataset
 from tests.cpu_env import cpu_env
+from tests.test_train import flag_args, make_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 20

@@ -36,9 +36,9 @@ from alphafuse_jax import metrics
 from alphafuse_jax import parallel
 from alphafuse_jax import train as train_lib
 from alphafuse_jax.data import sources
+from tests.cpu_env import cpu_env
 from tests.test_train import make_config
 from tests.test_train import make_dataset
-from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

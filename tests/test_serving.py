@@ -27,9 +27,9 @@ from alphafuse_jax import train as train_lib
 from alphafuse_jax.embeddings import registry
 from tests import test_embeddings as emb_tests
 from tests import test_sasrec as sas
+from tests.cpu_env import cpu_env
 from tests.test_metrics_chunked import _problem
 from tests.test_train import make_config, make_dataset
-from tests.cpu_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GENRES = ('Drama', 'Comedy|Romance', 'Action|Thriller', 'Sci-Fi', 'Horror|Mystery')
