@@ -157,9 +157,14 @@ class DataParallel:
       # outputs, so a step's first call runs the program every later call runs. (flax's
       # `replicate` names its mesh axis '_device_put_sharded': pmap compiled each step twice.)
       stacked = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), P(AXIS))
-      return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
-          (len(self.local_devices),) + np.shape(x), stacked,
-          [jax.device_put(np.asarray(x)[None], d) for d in self.local_devices]), tree)
+
+      def stack(x):
+        # A device array is copied device to device (an evaluation's item table), never via host.
+        one = x[None] if isinstance(x, jax.Array) else np.asarray(x)[None]
+        return jax.make_array_from_single_device_arrays(
+            (len(self.local_devices),) + one.shape[1:], stacked,
+            [jax.device_put(one, d) for d in self.local_devices])
+      return jax.tree.map(stack, tree)
     return jax.tree.map(lambda x: self._put(x, self._replicated), tree)
 
   def _put(self, x: Any, sharding: NamedSharding) -> jax.Array:
