@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests need into .venv and run the whole suite. Extra args go to pytest
-# (`-n 0`: one process; `-m slow`: the slow tests only).
+# (`-n 0`: one process; `-m slow`: the slow tests only; a test file or test id: that alone).
 # Fails when pytest fails and when it collects no test (pytest exit code 5).
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 # The suite is compile-bound: many tests (and the subprocesses of the device-count tests)
@@ -22,8 +22,14 @@ case "${XLA_FLAGS:-}" in
 esac
 # pytest-xdist: one worker per core, at most 4; a test file runs whole on one worker, so its
 # module fixtures (e.g. the prepared MovieLens-1M) are built once.
+# Test files or ids among the arguments (tests/test_train.py, tests/test_x.py::test_y) run alone;
+# otherwise the whole of tests/.
+targets=(tests)
+for arg in "$@"; do
+  case "$arg" in tests/*|*.py|*.py::*) targets=(); break ;; esac
+done
 set +e
-python -m pytest tests -q --numprocesses=auto --maxprocesses=4 --dist=loadfile "$@"
+python -m pytest "${targets[@]}" -q --numprocesses=auto --maxprocesses=4 --dist=loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
