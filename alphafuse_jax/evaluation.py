@@ -270,8 +270,6 @@ class Evaluator:
                           sampled_key=jax.random.key(config.eval.sampled_seed),
                           new_items=self.new_items, sharded_items=dp.sharded_items)
     table = lambda p: model.apply({'params': p}, deterministic=True, method='item_table')
-    # The last pass: [n, len(columns)], the columns of `rank_columns`.
-    self.last_ranks: np.ndarray | None = None
     if dp.sharded_items:
       # Frozen tables as sharded arguments; the scoring table padded and sharded like them.
       tables, frozen = builders.frozen_item_tables(dp, model)
@@ -285,13 +283,16 @@ class Evaluator:
     else:
       self._table = jax.jit(table)
       self._step = dp.map(step, ('replicated', 'replicated', 'sharded'), 'sharded')
+
+  def _use_split(self, split: str) -> None:
+    """The split's arrays, and its pass record from zero."""
+    self.split = split
+    # The last pass: [n, len(columns)], the columns of `rank_columns`.
+    self.last_ranks: np.ndarray | None = None
     # Steady-state speed: the first pass (which compiles) is not counted.
     self.seconds = 0.0
     self.examples = 0
     self._passes = 0
-
-  def _use_split(self, split: str) -> None:
-    self.split = split
     self.arrays = _eval_arrays(self.dataset, split, self.exclude_seen)
     if self.new_items is not None and not self.new_items[np.asarray(self.arrays['target'])].all():
       raise ValueError(f'the {split} split of a dataset with new items has old-item targets; '
@@ -302,7 +303,6 @@ class Evaluator:
     (a new `Evaluator` would trace and compile the same eval step again)."""
     other = copy.copy(self)
     other._use_split(split)  # pylint: disable=protected-access
-    other.last_ranks, other.seconds, other.examples, other._passes = None, 0.0, 0, 0
     return other
 
   def ranks(self, params) -> np.ndarray:

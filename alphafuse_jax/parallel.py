@@ -140,6 +140,9 @@ class DataParallel:
     self._sharded = NamedSharding(self.mesh, P(AXIS))
     # Item-axis arrays: rows over 'model'; replicated without one.
     self._items = NamedSharding(self.mesh, P(MODEL_AXIS) if self.model_shards > 1 else P())
+    # pmap's replicated state: stacked over the local devices on an axis named AXIS, the
+    # placement jax.pmap gives its outputs (`replicate`).
+    self._stacked = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), P(AXIS))
     self._item_constants: dict[Any, jax.Array] = {}  # item_constant's placed arrays.
 
   @property
@@ -151,18 +154,16 @@ class DataParallel:
   def replicate(self, tree: Any) -> Any:
     """Puts an identical copy of `tree` on every device."""
     if self.mode == 'pmap':
-      if jax.process_count() > 1:
+      if jax.process_count() > 1:  # pmap's outputs then span every process's devices.
         return flax.jax_utils.replicate(tree, devices=self.local_devices)
-      # Stacked over the local devices on an axis named AXIS: the sharding jax.pmap gives its
-      # outputs, so a step's first call runs the program every later call runs. (flax's
-      # `replicate` names its mesh axis '_device_put_sharded': pmap compiled each step twice.)
-      stacked = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), P(AXIS))
-
+      # Placed as pmap places its outputs, so a step's first call runs the program every later
+      # call runs. (flax's `replicate` names its mesh axis '_device_put_sharded': pmap compiled
+      # each step twice.)
       def stack(x):
         # A device array is copied device to device (an evaluation's item table), never via host.
         one = x[None] if isinstance(x, jax.Array) else np.asarray(x)[None]
         return jax.make_array_from_single_device_arrays(
-            (len(self.local_devices),) + one.shape[1:], stacked,
+            (len(self.local_devices),) + one.shape[1:], self._stacked,
             [jax.device_put(one, d) for d in self.local_devices])
       return jax.tree.map(stack, tree)
     return jax.tree.map(lambda x: self._put(x, self._replicated), tree)
