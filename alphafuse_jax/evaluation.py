@@ -286,6 +286,9 @@ class Evaluator:
 
   def _use_split(self, split: str) -> None:
     """The split's arrays, and its pass record from zero."""
+    if split not in self.dataset.splits:
+      raise ValueError(f'no split {split!r} to evaluate; the dataset has '
+                       f'{sorted(self.dataset.splits)}.')
     self.split = split
     # The last pass: [n, len(columns)], the columns of `rank_columns`.
     self.last_ranks: np.ndarray | None = None

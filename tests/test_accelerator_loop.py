@@ -353,3 +353,5 @@ def test_the_test_split_runs_the_programs_the_validation_compiled(synthetic):
   np.testing.assert_array_equal(
       got, evaluation.Evaluator(dp, model, config, dataset, 'test').ranks(params))
   np.testing.assert_array_equal(val.ranks(params), val_ranks)
+  with pytest.raises(ValueError, match="no split 'tset' to evaluate; the dataset has"):
+    val.for_split('tset')
