@@ -45,7 +45,10 @@ class Progress:
   """Loop state saved with every checkpoint (JSON).
 
   `epoch_loss_sum` and `epoch_steps` are the current epoch's running train loss and step count,
-  so an epoch resumed mid-way logs the same mean loss as an uninterrupted one.
+  so an epoch resumed mid-way logs the same mean loss as an uninterrupted one. `train_seconds`
+  (the steps' time) and `elapsed_seconds` (wall time from each process's start, setup included)
+  add up over every process of a resumed run, each counted to its last checkpoint;
+  `elapsed_seconds` is None when a checkpoint written before it was kept started the count.
   """
   epochs_done: int = 0
   best_metric: float = -1.0
@@ -56,6 +59,12 @@ class Progress:
   train_sequences: int = 0
   epoch_loss_sum: float = 0.0
   epoch_steps: int = 0
+  elapsed_seconds: float | None = 0.0
+
+  @classmethod
+  def from_record(cls, record: dict[str, Any]) -> 'Progress':
+    """From a checkpoint's JSON; a record without `elapsed_seconds` leaves the count unknown."""
+    return cls(**dict({'elapsed_seconds': None}, **record))
 
 
 def _host(x: Any) -> np.ndarray:
@@ -153,7 +162,7 @@ class Checkpoints:
     expected = record.pop(_DATA_DIGEST, None)  # None: saved without the Grain iterator.
     if items and expected is not None and data_digest(data_iterator) != expected:
       raise CheckpointError(f'the data iterator state of step {step} does not match its sha256')
-    return restored.state, Progress(**record)
+    return restored.state, Progress.from_record(record)
 
   def restore_latest(self, template: Any,
                      data_iterator: Any = None) -> tuple[Any, Progress] | None:

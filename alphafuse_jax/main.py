@@ -78,6 +78,9 @@ def format_results(results) -> str:
                f' sequences/s; eval {"n/a" if eval_rate is None else f"{eval_rate:.0f}"} '
                'examples/s; wall '
                f'{results["wall_seconds"]:.0f} s on {results["devices"]} device(s)')
+  run = results.get('run_seconds')  # Every process of a resumed run (None: not counted).
+  if run is not None and run > results['wall_seconds'] + 1:
+    lines[-1] += f' ({run:.0f} s over every process of this resumed run)'
   return '\n'.join(lines)
 
 

@@ -252,6 +252,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
       progress.finished = False
       logging.info('extending a finished run from %d to %d epochs', progress.epochs_done,
                    config.train.num_epochs)
+  # Wall seconds of this run's earlier processes (None: a checkpoint predating the count).
+  earlier = progress.elapsed_seconds
+  run_seconds = lambda: None if earlier is None else earlier + time.perf_counter() - wall_start
+
+  def save(step: int, state: Any) -> None:
+    progress.elapsed_seconds = run_seconds()
+    ckpt.save_latest(step, state, progress, train_input.iterator)
+
   is_chief = jax.process_index() == 0
   # Process 0 alone owns the metric log (the workdir is shared by all processes).
   writer = metric_writers.MetricWriter(workdir, tensorboard=config.tensorboard)
@@ -297,10 +305,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
         _show_losses(losses.read(step, epoch + 1, timed=step != first_step), step, bar,
                      writer if is_chief else None)
       if saving:
-        ckpt.save_latest(step, dp.unreplicate(rstate), progress, train_input.iterator)
+        save(step, dp.unreplicate(rstate))
       if stopping:
         # Tests: stop here as a preempted job would after its last checkpoint.
-        ckpt.save_latest(step, dp.unreplicate(rstate), progress, train_input.iterator)
+        save(step, dp.unreplicate(rstate))
         ckpt.close()
         train_input.close()
         writer.close()
@@ -334,7 +342,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
       writer.write(record)
     if progress.evals_since_best >= patience or epoch >= config.train.num_epochs:
       progress.finished = True
-    ckpt.save_latest(step, state, progress, train_input.iterator)
+    save(step, state)
   train_input.close()
 
   # Test once, from the best checkpoint.
@@ -359,7 +367,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataPar
       # finished run evaluated again), not a misleading 0.
       'eval_examples_per_second': ((val_eval.examples + test_eval.examples) / eval_seconds
                                    if val_eval.examples + test_eval.examples else None),
+      # This process, from its start (setup included) to here.
       'wall_seconds': time.perf_counter() - wall_start,
+      # Every process of the run (a resumed one's earlier ones to their last checkpoints) and the
+      # steps alone; run_seconds is None for a run resumed from a checkpoint that predates it.
+      'run_seconds': run_seconds(),
+      'train_seconds': progress.train_seconds,
       'num_trainable_params': count_params(state.params),
       'devices': dp.num_devices,
       'parallelism': dp.mode,

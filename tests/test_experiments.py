@@ -34,13 +34,13 @@ RANKS = {
 }
 
 
-def write_cell(run_dir: pathlib.Path, ranks, *, sampled=None, curve=(0.1, 0.2, 0.3)):
-  """A finished cell: results.json, metrics.jsonl and test_ranks.npz."""
+def write_cell(run_dir: pathlib.Path, ranks, *, sampled=None, curve=(0.1, 0.2, 0.3), **extra):
+  """A finished cell: results.json (with `extra` results), metrics.jsonl and test_ranks.npz."""
   run_dir.mkdir(parents=True)
   arrays = {'rank': np.asarray(ranks, np.int32), 'target': TARGETS.astype(np.int32),
             'position': POSITIONS.astype(np.int32)}
   results = {'test': {'NDCG@20': -1.0}, 'wall_seconds': 12.0,  # The report recomputes.
-             'best_epoch': int(np.argmax(curve)) + 1, 'epochs': len(curve)}
+             'best_epoch': int(np.argmax(curve)) + 1, 'epochs': len(curve), **extra}
   if sampled is not None:
     arrays['sampled_rank'] = np.asarray(sampled, np.int32)
     results['sampled_negatives'] = 100
@@ -276,8 +276,11 @@ def test_training_budget_table(tmp_path):
   runs = tmp_path / 'results' / 'smoke' / 'runs'
   # alphafuse: best at epochs 2 and 4 of 3 and 5 run; id: one seed, best at 1 of 2.
   write_cell(runs / 'alphafuse_s22', RANKS['alphafuse', 22], curve=(0.1, 0.3, 0.2))
-  write_cell(runs / 'alphafuse_s23', RANKS['alphafuse', 23], curve=(0.1, 0.2, 0.3, 0.4, 0.3))
-  write_cell(runs / 'id_s22', RANKS['id', 22], curve=(0.5, 0.4))
+  # alphafuse_s23 resumed from a checkpoint older than the count (run_seconds None): its last
+  # process's 12 s; id_s22 ran in two processes, 120 s in all.
+  write_cell(runs / 'alphafuse_s23', RANKS['alphafuse', 23], curve=(0.1, 0.2, 0.3, 0.4, 0.3),
+             run_seconds=None)
+  write_cell(runs / 'id_s22', RANKS['id', 22], curve=(0.5, 0.4), run_seconds=120.0)
   summary = experiments.build_report(suite, str(tmp_path / 'results'), train_item_counts=COUNTS)
   row = summary['budget']['alphafuse']
   assert row['best_epoch']['values'] == [2.0, 4.0] and row['epochs']['values'] == [3.0, 5.0]
@@ -285,7 +288,7 @@ def test_training_budget_table(tmp_path):
   assert row['wall_minutes']['mean'] == pytest.approx(0.2)  # 12 s.
   readme = (tmp_path / 'results' / 'smoke' / 'README.md').read_text()
   assert '| alphafuse | 3.0 ± 1.4 (2) | 4.0 ± 1.4 (2) | 0.2 ± 0.0 (2) |' in readme
-  assert '| id | 1.0 (1) | 2.0 (1) | 0.2 (1) |' in readme
+  assert '| id | 1.0 (1) | 2.0 (1) | 2.0 (1) |' in readme
 
 
 def test_convergence_and_sparse_suites():

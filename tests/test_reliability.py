@@ -216,6 +216,7 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(synthetic, st
   progress = json.loads((tmp_path / 'checkpoints' / '15' / 'progress' / 'metadata').read_text())
   steps_per_epoch = json.loads(straight[1].splitlines()[0])['step']
   assert progress['epoch_steps'] == 15 - steps_per_epoch and progress['epoch_loss_sum'] > 0
+  assert 0 < progress['train_seconds'] < progress['elapsed_seconds']
   for path in (tmp_path / 'checkpoints' / '17').rglob('*'):
     if path.is_file():
       path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
@@ -223,6 +224,42 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(synthetic, st
   assert 'checkpoint step 17' in caplog.text and 'resuming from step 15' in caplog.text
   _same_metrics(results, straight[0])
   assert (tmp_path / 'metrics.jsonl').read_text() == straight[1]
+  # The run's time adds the stopped process's (to its step-15 checkpoint) to the resumed one's.
+  assert results['run_seconds'] == pytest.approx(progress['elapsed_seconds']
+                                                 + results['wall_seconds'], abs=0.5)
+  assert progress['train_seconds'] < results['train_seconds'] < results['run_seconds']
+
+
+def test_a_checkpoint_from_before_the_run_time_count_leaves_it_unknown(tmp_path):
+  """A checkpoint without `elapsed_seconds` (saved before it was kept) restores it as None, so
+  the run reports no run_seconds rather than only its last process's time as the whole run's."""
+  state = {'w': np.arange(3, dtype=np.float32)}
+  ckpt = checkpointing.Checkpoints(str(tmp_path))
+  ckpt.save_latest(2, state, checkpointing.Progress(epochs_done=1, elapsed_seconds=7.5))
+  assert ckpt.restore_latest(state)[1].elapsed_seconds == 7.5
+  ckpt.close()
+  metadata = tmp_path / 'checkpoints' / '2' / 'progress' / 'metadata'
+  record = json.loads(metadata.read_text())
+  del record['elapsed_seconds']
+  metadata.write_text(json.dumps(record))
+  ckpt = checkpointing.Checkpoints(str(tmp_path))
+  progress = ckpt.restore_latest(state)[1]
+  ckpt.close()
+  assert progress.elapsed_seconds is None and progress.epochs_done == 1
+
+
+def test_the_summary_gives_a_resumed_run_its_whole_time():
+  metrics_ = {'NDCG@10': 0.5, 'NDCG@20': 0.5, 'HR@10': 0.5, 'HR@20': 0.5, 'MRR@20': 0.5,
+              'count': 4}
+  results = {'val': metrics_, 'test': metrics_, 'best_epoch': 2, 'devices': 2,
+             'train_sequences_per_second': 100.0, 'eval_examples_per_second': None,
+             'wall_seconds': 30.0, 'run_seconds': None}
+  assert main_lib.format_results(results).endswith('wall 30 s on 2 device(s)')
+  results['run_seconds'] = 30.2  # One process.
+  assert main_lib.format_results(results).endswith('wall 30 s on 2 device(s)')
+  results['run_seconds'] = 95.0
+  assert main_lib.format_results(results).endswith(
+      'wall 30 s on 2 device(s) (95 s over every process of this resumed run)')
 
 
 # ---- 5: the workdir lock ------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def collect_cell(suite: Suite, cell: Cell, results_dir: str, *, train_item_count
     return CellReport(cell, 'finished', workdir, groups=groups, sampled_groups=sampled,
                       deciles=cell_deciles,
                       curve={int(e): float(v) for e, v in stored['curve'].items()},
-                      wall_seconds=float(stored['results'].get('wall_seconds', float('nan'))),
+                      wall_seconds=stats.run_seconds(stored['results']),
                       sampled_negatives=stored['results'].get('sampled_negatives'), note=note,
                       results=stored['results'], source='archive')
   if not results_path.is_file():
@@ -84,7 +84,7 @@ def collect_cell(suite: Suite, cell: Cell, results_dir: str, *, train_item_count
     return CellReport(cell, status, workdir, curve=curve)
   results = stats.read_results(results_path)
   report = CellReport(cell, 'finished', workdir, curve=curve, results=results,
-                      wall_seconds=float(results.get('wall_seconds', float('nan'))))
+                      wall_seconds=stats.run_seconds(results))
   ranks_path = workdir / 'test_ranks.npz'
   if ranks_path.is_file():
     # Per-example ranks: the groups and deciles at the report's own thresholds.

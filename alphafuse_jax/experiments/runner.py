@@ -127,7 +127,7 @@ def _archived_results(suite: Suite, cell: Cell, results_dir: str,
     return None
   try:
     results = json.loads(path.read_text())['results']
-    return {'wall_seconds': results.get('wall_seconds', float('nan')),
+    return {'wall_seconds': stats.run_seconds(results),
             'NDCG@20': float(results['test']['NDCG@20'])}
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise SuiteError(f'{path}: not a readable archive record ({e!r}); restore it with git or '
@@ -151,7 +151,7 @@ def run_suite(suite: Suite, results_dir: str = 'results', *,
     outcome = CellOutcome(cell, 'skipped', workdir, log_path)
     if results_path.is_file():  # Finished earlier: report its numbers, do not rerun.
       results = stats.read_results(results_path)
-      outcome.seconds = float(results.get('wall_seconds', float('nan')))
+      outcome.seconds = stats.run_seconds(results)
       outcome.ndcg20 = float(results['test']['NDCG@20'])
     elif (archived := _archived_results(suite, cell, results_dir, archive_dir)) is not None:
       outcome.seconds, outcome.ndcg20 = float(archived['wall_seconds']), archived['NDCG@20']

@@ -157,6 +157,14 @@ def paired_comparison(variant: Mapping[int, float], baseline: Mapping[int, float
 BUDGET_FIELDS = ('best_epoch', 'epochs', 'wall_minutes')
 
 
+def run_seconds(results: Mapping[str, Any]) -> float:
+  """A run's wall seconds over all of its processes (`run_seconds`); where that is unknown (runs
+  recorded before it was kept, or resumed from a checkpoint that predates it), its last
+  process's (`wall_seconds`), which leaves out the time of earlier, interrupted processes."""
+  seconds = results.get('run_seconds')
+  return float(results.get('wall_seconds', float('nan')) if seconds is None else seconds)
+
+
 def budget(variants: Iterable[str], runs: Iterable[tuple[str, Mapping[str, Any]]]
            ) -> dict[str, dict[str, Any]]:
   """variant -> BUDGET_FIELDS -> mean_std over its finished runs (`runs`: (variant, results))."""
@@ -168,7 +176,7 @@ def budget(variants: Iterable[str], runs: Iterable[tuple[str, Mapping[str, Any]]
       table[variant] = {
           'best_epoch': mean_std(r.get('best_epoch', float('nan')) for r in mine),
           'epochs': mean_std(r.get('epochs', float('nan')) for r in mine),
-          'wall_minutes': mean_std(r.get('wall_seconds', float('nan')) / 60 for r in mine)}
+          'wall_minutes': mean_std(run_seconds(r) / 60 for r in mine)}
   return table
 
 
@@ -179,7 +187,8 @@ def render_budget(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
   lines = ['## Training budget', '',
            'Per row: the epoch of the best val NDCG@20 (the test metrics are that epoch\'s), the '
            'epochs run (early stopping included) and the wall time of the whole run (training '
-           'and evaluation), mean ± std (runs).', '',
+           'and evaluation, over every process of a resumed run; a run recorded before that was '
+           'kept counts its last process alone), mean ± std (runs).', '',
            '| pipeline | best epoch | epochs run | wall (min) |', '|---|---|---|---|']
   for variant, row in table.items():
     lines.append(f'| {variant} | {fmt(row["best_epoch"], 1)} | {fmt(row["epochs"], 1)} | '
