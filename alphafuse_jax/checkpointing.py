@@ -48,7 +48,7 @@ class Progress:
   so an epoch resumed mid-way logs the same mean loss as an uninterrupted one. `train_seconds`
   (the steps' time) and `elapsed_seconds` (wall time from each process's start, setup included)
   add up over every process of a resumed run, each counted to its last checkpoint;
-  `elapsed_seconds` is None when a checkpoint written before it was kept started the count.
+  `elapsed_seconds` is None in a run resumed from a checkpoint written before it was kept.
   """
   epochs_done: int = 0
   best_metric: float = -1.0
