@@ -4,7 +4,8 @@
 
   suites.py    `Cell`, `Suite`, the suites as data (`SUITES`, `make_suite`, `whole_suite`),
                `load_config`
-  runner.py    cell workdir/log/command, `run_cell_subprocess`, `run_suite` (resumable)
+  runner.py    cell workdir/log/command, `run_cell_subprocess`, `run_suite` (resumable),
+               `print_status` (each cell's state, nothing run)
   stats.py     reading results/ranks/curves, popularity deciles, mean +- std, the paired tie rule
   report.py    per-cell group metrics (`evaluation.group_masks`), tables, summary.json
   readme.py    the report's README.md, and the tables' groups and metrics
@@ -36,6 +37,7 @@ from alphafuse_jax.experiments.runner import cell_log
 from alphafuse_jax.experiments.runner import cell_workdir
 from alphafuse_jax.experiments.runner import CellOutcome
 from alphafuse_jax.experiments.runner import CellRunner
+from alphafuse_jax.experiments.runner import print_status
 from alphafuse_jax.experiments.runner import run_cell_subprocess
 from alphafuse_jax.experiments.runner import run_suite
 from alphafuse_jax.experiments.stats import decile_metric
@@ -61,7 +63,7 @@ __all__ = ['aggregate', 'archive', 'build_report', 'Cell', 'CELL_ENV', 'cell_com
            'COMPARISON_METRICS', 'comparisons', 'decile_metric', 'DEFAULT_HEAD_FRACTION',
            'DEFAULT_SHORT_HISTORY', 'load_config', 'make_suite', 'mean_std', 'ML1M_PIPELINES',
            'NULL_DIMS', 'NUM_DECILES', 'paired_comparison', 'plot_deciles',
-           'plot_learning_curves', 'plot_sweep', 'popularity_deciles', 'publish',
+           'plot_learning_curves', 'plot_sweep', 'popularity_deciles', 'print_status', 'publish',
            'read_test_ranks', 'render_readme', 'report_from_config', 'REPO_ROOT',
            'run_cell_subprocess', 'run_suite', 'spectrum_figure', 'Suite', 'SuiteError', 'SUITES',
            'TABLE_METRICS', 'whole_suite']

@@ -41,6 +41,8 @@ flags.DEFINE_list('seeds', None, 'Seeds (default: the suite\'s).')
 flags.DEFINE_list('pipelines', None, 'Rows to run (default: all of the suite\'s); with '
                   '--report_only, the rows to report.')
 flags.DEFINE_bool('report_only', False, 'Only (re)write the report from existing runs.')
+flags.DEFINE_bool('status', False, 'Only list each cell\'s state (finished, archived, running, '
+                  'interrupted at epoch E, not started); nothing is run or written.')
 flags.DEFINE_string('results_dir', 'results', 'Root of results/<suite>/.')
 flags.DEFINE_string('publish_dir', '', 'Also copy README.md and the PNGs here.')
 flags.DEFINE_integer('short_history', None,
@@ -70,6 +72,9 @@ def main(argv: Sequence[str]) -> int:
                             variants=f.pipelines or None, results_dir=f.results_dir)
   # The command as typed, recorded in the README.
   command = 'python -m alphafuse_jax.experiments ' + ' '.join(a for a in sys.argv[1:])
+  if f.status:
+    runner.print_status(suite, f.results_dir, f.archive_dir or None)
+    return 0
   failed = 0
   if not f.report_only:
     outcomes = runner.run_suite(suite, f.results_dir, archive_dir=f.archive_dir or None)

@@ -128,7 +128,8 @@ def _archived_results(suite: Suite, cell: Cell, results_dir: str,
   try:
     results = json.loads(path.read_text())['results']
     return {'wall_seconds': stats.run_seconds(results),
-            'NDCG@20': float(results['test']['NDCG@20'])}
+            'NDCG@20': float(results['test']['NDCG@20']),
+            'best_epoch': results.get('best_epoch'), 'epochs': results.get('epochs')}
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise SuiteError(f'{path}: not a readable archive record ({e!r}); restore it with git or '
                      'delete it to rerun the cell.') from e
@@ -186,3 +187,58 @@ def run_suite(suite: Suite, results_dir: str = 'results', *,
   print(f'{total} cells: ' + ', '.join(f'{n} {s}' for s, n in counts.items() if n or s != 'busy'),
         file=out, flush=True)
   return outcomes
+
+
+def cell_status(suite: Suite, cell: Cell, results_dir: str, archive_dir: str | None) -> str:
+  """One cell's state, read from its workdir, the archive and /proc; nothing is run or changed.
+
+  'finished' or 'archived' with the test NDCG@20, 'running' (with the pid), 'interrupted' (a
+  workdir without results: the next suite command resumes it) or 'not started'; the last two
+  with the epochs logged so far and the best validation.
+  """
+  workdir = cell_workdir(suite, cell, results_dir)
+  results_path = workdir / 'results.json'
+  if results_path.is_file():
+    results = stats.read_results(results_path)
+    found = {'NDCG@20': float(results['test']['NDCG@20']),
+             'best_epoch': results.get('best_epoch'), 'epochs': results.get('epochs'),
+             'wall_seconds': stats.run_seconds(results)}
+    state = 'finished'
+  elif (found := _archived_results(suite, cell, results_dir, archive_dir)) is not None:
+    state = 'archived'
+  else:
+    found = None
+  if found is not None:
+    return (f'{state}  test NDCG@20 {found["NDCG@20"]:.4f}  best epoch {found["best_epoch"]} of '
+            f'{found["epochs"]}  wall {found["wall_seconds"] / 60:.0f} min')
+  pid = _running_elsewhere(workdir, cell.module)
+  if pid is None and not workdir.is_dir():
+    return 'not started'
+  try:
+    curve = stats.read_curve(workdir / 'metrics.jsonl')
+  except SuiteError:  # A line being written as we read: say so rather than fail the listing.
+    curve = None
+  if curve is None:
+    progress = 'metrics.jsonl not readable now'
+  elif not curve:
+    progress = 'no validation yet'
+  else:
+    best = max(curve, key=lambda e: (curve[e], -e))  # The first epoch with the best value.
+    progress = f'epoch {max(curve)}, best val NDCG@20 {curve[best]:.4f} at epoch {best}'
+  if pid is not None:
+    return f'running (pid {pid})  {progress}'
+  return f'interrupted  {progress}; the suite command resumes it from its checkpoint'
+
+
+def print_status(suite: Suite, results_dir: str, archive_dir: str | None,
+                 out: TextIO = sys.stdout) -> dict[str, int]:
+  """`cell_status` of every cell, one line each, and the count of each state."""
+  counts: dict[str, int] = {}
+  for i, cell in enumerate(suite.cells, 1):
+    line = cell_status(suite, cell, results_dir, archive_dir)
+    state = line.split('  ')[0].split(' (')[0]
+    counts[state] = counts.get(state, 0) + 1
+    print(f'[{i}/{len(suite.cells)}] {cell.name}: {line}', file=out, flush=True)
+  print(f'{len(suite.cells)} cells: ' + ', '.join(f'{n} {s}' for s, n in counts.items()),
+        file=out, flush=True)
+  return counts
