@@ -6,7 +6,9 @@
 # under results/ never leave this machine.
 # On a 2-core CPU (measured): a convergence cell 0.6-1.8 hours, a sparse-data cell 15-30 min, a
 # leave-one-out cell 1-2 hours, a DreamRec cell up to 80 min; about 50 hours in all.
-# Usage: bash launch/paper_claims.sh [--dry_run]   (--dry_run: print the cells, run nothing)
+# Usage: bash launch/paper_claims.sh [--dry_run | --status]
+#   --dry_run: print the cells, run nothing; --status: each suite's cells with their state
+#   (finished, archived, running, interrupted at epoch E, not started), run nothing.
 set -u
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 DRY=0; [ "${1:-}" = "--dry_run" ] && DRY=1
@@ -27,6 +29,13 @@ QUEUE=(  # suite pipeline seed
   "ml1m_dreamrec alphafuse 23" "ml1m_dreamrec id 23" "ml1m_dreamrec idreamrec 23"
   "ml1m_dreamrec alphafuse 24" "ml1m_dreamrec id 24" "ml1m_dreamrec idreamrec 24"
 )
+if [ "${1:-}" = "--status" ]; then  # The queue's suites, in their first cell's order.
+  for suite in $(printf '%s\n' "${QUEUE[@]}" | awk '!seen[$1]++ {print $1}'); do
+    echo "== $suite"
+    python -m alphafuse_jax.experiments --suite="$suite" --status || exit 1
+  done
+  exit 0
+fi
 failed=0
 for entry in "${QUEUE[@]}"; do
   read -r suite pipeline seed <<< "$entry"
