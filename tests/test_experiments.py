@@ -599,15 +599,17 @@ def test_status_lists_each_cell_without_running_or_writing_anything(tmp_path):
   suite = experiments.make_suite('smoke', seeds=[22, 23, 24])
   results_dir, archive_dir = tmp_path / 'results', tmp_path / 'archive'
   runs = results_dir / 'smoke' / 'runs'
-  # alphafuse_s22 finished here (resumed: 600 s over its processes); alphafuse_s23 archived;
-  # alphafuse_s24 interrupted after 3 validations, best at epoch 2; id_s22 being trained by
-  # another process; id_s23 started but with no validation yet; id_s24 never started.
+  # alphafuse_s22 finished here (resumed: 600 s over its processes); alphafuse_s23 archived, run
+  # in two processes before their time was added up; alphafuse_s24 interrupted after 3
+  # validations, best at epoch 2; id_s22 being trained by another process; id_s23 started but
+  # with no validation yet; id_s24 never started.
   write_cell(runs / 'alphafuse_s22', RANKS['alphafuse', 22], run_seconds=600.0,
              test={'NDCG@20': 0.625})
   (archive_dir / 'smoke').mkdir(parents=True)
   (archive_dir / 'smoke' / 'alphafuse_s23.json').write_text(json.dumps(
       {'format': 1, 'results': {'test': {'NDCG@20': 0.375}, 'wall_seconds': 120.0,
-                                'best_epoch': 4, 'epochs': 9}}))
+                                'best_epoch': 4, 'epochs': 9},
+       'attempts': [{'started': '2026-12-01 23:22 UTC'}, {'started': '2026-12-02 00:32 UTC'}]}))
   (runs / 'alphafuse_s24').mkdir(parents=True)
   (runs / 'alphafuse_s24' / 'metrics.jsonl').write_text(''.join(
       json.dumps({'epoch': e, 'val/NDCG@20': v}) + '\n' for e, v in [(1, 0.1), (2, 0.3), (3, 0.2)]))
@@ -624,7 +626,8 @@ def test_status_lists_each_cell_without_running_or_writing_anything(tmp_path):
   lines = out.getvalue().splitlines()
   assert lines == [
       '[1/6] alphafuse_s22: finished  test NDCG@20 0.6250  best epoch 3 of 3  wall 10 min',
-      '[2/6] alphafuse_s23: archived  test NDCG@20 0.3750  best epoch 4 of 9  wall 2 min',
+      '[2/6] alphafuse_s23: archived  test NDCG@20 0.3750  best epoch 4 of 9  wall 2 min (the '
+      'last of its 2 processes)',
       '[3/6] alphafuse_s24: interrupted  epoch 3, best val NDCG@20 0.3000 at epoch 2; the suite '
       'command resumes it from its checkpoint',
       f'[4/6] id_s22: running (pid {trainer.pid})  no validation yet',

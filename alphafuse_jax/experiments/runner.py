@@ -126,10 +126,13 @@ def _archived_results(suite: Suite, cell: Cell, results_dir: str,
   if path is None or not path.is_file():
     return None
   try:
-    results = json.loads(path.read_text())['results']
+    record = json.loads(path.read_text())
+    results = record['results']
     return {'wall_seconds': stats.run_seconds(results),
             'NDCG@20': float(results['test']['NDCG@20']),
-            'best_epoch': results.get('best_epoch'), 'epochs': results.get('epochs')}
+            'best_epoch': results.get('best_epoch'), 'epochs': results.get('epochs'),
+            'whole_run': results.get('run_seconds') is not None,
+            'processes': len(record.get('attempts') or [])}
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise SuiteError(f'{path}: not a readable archive record ({e!r}); restore it with git or '
                      'delete it to rerun the cell.') from e
@@ -202,15 +205,20 @@ def cell_status(suite: Suite, cell: Cell, results_dir: str, archive_dir: str | N
     results = stats.read_results(results_path)
     found = {'NDCG@20': float(results['test']['NDCG@20']),
              'best_epoch': results.get('best_epoch'), 'epochs': results.get('epochs'),
-             'wall_seconds': stats.run_seconds(results)}
+             'wall_seconds': stats.run_seconds(results),
+             'whole_run': results.get('run_seconds') is not None,
+             'processes': len(archive.read_attempts(workdir))}
     state = 'finished'
   elif (found := _archived_results(suite, cell, results_dir, archive_dir)) is not None:
     state = 'archived'
   else:
     found = None
   if found is not None:
+    # A run resumed before run_seconds was kept has only its last process's time.
+    part = ('' if found['whole_run'] or found['processes'] < 2
+            else f' (the last of its {found["processes"]} processes)')
     return (f'{state}  test NDCG@20 {found["NDCG@20"]:.4f}  best epoch {found["best_epoch"]} of '
-            f'{found["epochs"]}  wall {found["wall_seconds"] / 60:.0f} min')
+            f'{found["epochs"]}  wall {found["wall_seconds"] / 60:.0f} min{part}')
   pid = _running_elsewhere(workdir, cell.module)
   if pid is None and not workdir.is_dir():
     return 'not started'
