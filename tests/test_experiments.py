@@ -424,6 +424,17 @@ def test_cli_rejects_an_unknown_suite():
   assert result.returncode != 0 and "unknown suite 'nope'" in result.stderr
 
 
+def test_cli_status_lists_the_cells_and_writes_no_report(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'alphafuse_jax.experiments', '--suite=smoke',
+                           '--seeds=22', '--status', f'--results_dir={tmp_path}',
+                           '--archive_dir='], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=experiments.REPO_ROOT)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == ['[1/2] alphafuse_s22: not started',
+                                        '[2/2] id_s22: not started', '2 cells: 2 not started']
+  assert not any(tmp_path.iterdir())  # No report, no workdir.
+
+
 # ---- the committed archive of finished cells --------------------------------------------------
 def test_archive_records_cells_and_reports_them_without_their_workdirs(tmp_path):
   """A report over workdirs records each cell; with the workdirs gone it gives the same tables."""
