@@ -117,6 +117,15 @@ class CellOutcome:
   detail: str = ''
 
 
+def _summary(results: dict, processes: int) -> dict:
+  """What the runner and `--status` show of a finished cell's results (run in `processes`)."""
+  return {'wall_seconds': stats.run_seconds(results),
+          'NDCG@20': float(results['test']['NDCG@20']),
+          'best_epoch': results.get('best_epoch'), 'epochs': results.get('epochs'),
+          # False: a run resumed before run_seconds was kept; its time is its last process's.
+          'whole_run': results.get('run_seconds') is not None, 'processes': processes}
+
+
 def _archived_results(suite: Suite, cell: Cell, results_dir: str,
                       archive_dir: str | None) -> dict | None:
   """The results of the cell's archive record (`archive.py`), or None when it has none."""
@@ -127,12 +136,7 @@ def _archived_results(suite: Suite, cell: Cell, results_dir: str,
     return None
   try:
     record = json.loads(path.read_text())
-    results = record['results']
-    return {'wall_seconds': stats.run_seconds(results),
-            'NDCG@20': float(results['test']['NDCG@20']),
-            'best_epoch': results.get('best_epoch'), 'epochs': results.get('epochs'),
-            'whole_run': results.get('run_seconds') is not None,
-            'processes': len(record.get('attempts') or [])}
+    return _summary(record['results'], len(record.get('attempts') or []))
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise SuiteError(f'{path}: not a readable archive record ({e!r}); restore it with git or '
                      'delete it to rerun the cell.') from e
@@ -192,8 +196,10 @@ def run_suite(suite: Suite, results_dir: str = 'results', *,
   return outcomes
 
 
-def cell_status(suite: Suite, cell: Cell, results_dir: str, archive_dir: str | None) -> str:
-  """One cell's state, read from its workdir, the archive and /proc; nothing is run or changed.
+def cell_status(suite: Suite, cell: Cell, results_dir: str,
+                archive_dir: str | None) -> tuple[str, str]:
+  """(state, details) of one cell, read from its workdir, the archive and /proc; nothing is run
+  or changed.
 
   'finished' or 'archived' with the test NDCG@20, 'running' (with the pid), 'interrupted' (a
   workdir without results: the next suite command resumes it) or 'not started'; the last two
@@ -202,26 +208,18 @@ def cell_status(suite: Suite, cell: Cell, results_dir: str, archive_dir: str | N
   workdir = cell_workdir(suite, cell, results_dir)
   results_path = workdir / 'results.json'
   if results_path.is_file():
-    results = stats.read_results(results_path)
-    found = {'NDCG@20': float(results['test']['NDCG@20']),
-             'best_epoch': results.get('best_epoch'), 'epochs': results.get('epochs'),
-             'wall_seconds': stats.run_seconds(results),
-             'whole_run': results.get('run_seconds') is not None,
-             'processes': len(archive.read_attempts(workdir))}
-    state = 'finished'
+    state, found = 'finished', _summary(stats.read_results(results_path),
+                                        len(archive.read_attempts(workdir)))
   elif (found := _archived_results(suite, cell, results_dir, archive_dir)) is not None:
     state = 'archived'
-  else:
-    found = None
   if found is not None:
-    # A run resumed before run_seconds was kept has only its last process's time.
     part = ('' if found['whole_run'] or found['processes'] < 2
             else f' (the last of its {found["processes"]} processes)')
-    return (f'{state}  test NDCG@20 {found["NDCG@20"]:.4f}  best epoch {found["best_epoch"]} of '
-            f'{found["epochs"]}  wall {found["wall_seconds"] / 60:.0f} min{part}')
+    return state, (f'test NDCG@20 {found["NDCG@20"]:.4f}  best epoch {found["best_epoch"]} of '
+                   f'{found["epochs"]}  wall {found["wall_seconds"] / 60:.0f} min{part}')
   pid = _running_elsewhere(workdir, cell.module)
   if pid is None and not workdir.is_dir():
-    return 'not started'
+    return 'not started', ''
   try:
     curve = stats.read_curve(workdir / 'metrics.jsonl')
   except SuiteError:  # A line being written as we read: say so rather than fail the listing.
@@ -234,8 +232,8 @@ def cell_status(suite: Suite, cell: Cell, results_dir: str, archive_dir: str | N
     best = max(curve, key=lambda e: (curve[e], -e))  # The first epoch with the best value.
     progress = f'epoch {max(curve)}, best val NDCG@20 {curve[best]:.4f} at epoch {best}'
   if pid is not None:
-    return f'running (pid {pid})  {progress}'
-  return f'interrupted  {progress}; the suite command resumes it from its checkpoint'
+    return 'running', f'(pid {pid})  {progress}'
+  return 'interrupted', f'{progress}; the suite command resumes it from its checkpoint'
 
 
 def print_status(suite: Suite, results_dir: str, archive_dir: str | None,
@@ -243,10 +241,11 @@ def print_status(suite: Suite, results_dir: str, archive_dir: str | None,
   """`cell_status` of every cell, one line each, and the count of each state."""
   counts: dict[str, int] = {}
   for i, cell in enumerate(suite.cells, 1):
-    line = cell_status(suite, cell, results_dir, archive_dir)
-    state = line.split('  ')[0].split(' (')[0]
+    state, details = cell_status(suite, cell, results_dir, archive_dir)
     counts[state] = counts.get(state, 0) + 1
-    print(f'[{i}/{len(suite.cells)}] {cell.name}: {line}', file=out, flush=True)
+    sep = ' ' if details.startswith('(') else '  '
+    print(f'[{i}/{len(suite.cells)}] {cell.name}: {state}{sep if details else ""}{details}',
+          file=out, flush=True)
   print(f'{len(suite.cells)} cells: ' + ', '.join(f'{n} {s}' for s, n in counts.items()),
         file=out, flush=True)
   return counts
